@@ -1,0 +1,360 @@
+"""Differentiable collectives over a process group, and the ring exchange.
+
+Each collective is one small autograd Function whose backward is the dual of
+its forward (all-gather <-> reduce-scatter, split <-> all-gather, all-to-all
+<-> the inverse all-to-all, all-reduce <-> identity), parametrised by ``dim``.
+``group=None`` means the default mesh's sequence-parallel group; a trivial
+group (one process, no process group) makes every collective an identity.
+
+Every call is recorded in the active :func:`seqpar.stats.track` trackers (calls
+and bytes sent per rank), so tests can pin down how much each strategy sends.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .errors import ShapeError, check
+from .mesh import group_rank, group_size, resolve_group
+from .stats import record_comm
+
+__all__ = [
+    "all_gather", "reduce_scatter", "split", "all_to_all", "all_reduce", "copy_to_group",
+    "RingExchange", "RingCarry",
+]
+
+
+# --------------------------------------------------------------------------- raw collectives
+
+# torch 2.13 renamed the tensor collectives; keep working on older releases (torch>=2.4)
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_divisible(x: torch.Tensor, dim: int, n: int, what: str) -> None:
+    check(x.shape[dim] % n == 0, ShapeError,
+          f"{what}: size {x.shape[dim]} of dim {dim} (shape {tuple(x.shape)}) is not divisible by the "
+          f"group size {n}; pad it (seqpar.shard pads sequences) or pick a degree that divides it")
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    # gloo wants the output as [N * d0, ...]; viewed as [N, d0, ...] it is rank-major
+    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+    record_comm("all_gather", _nbytes(x) * (n - 1))
+    _all_gather_tensor(out, x, group=group)
+    return out.view((n,) + tuple(x.shape)).movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    _check_divisible(x, dim, n, "reduce_scatter")
+    inp = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
+    out = x.new_empty(inp.shape[1:])
+    record_comm("reduce_scatter", _nbytes(inp) * (n - 1) // n)
+    _reduce_scatter_tensor(out, inp.flatten(0, 1), group=group)  # gloo: input as [N * d0, ...]
+    return out  # inp[i] has x's layout with dim shrunk, so the received chunk does too
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    _check_divisible(x, dim, n, "split")
+    return x.chunk(n, dim)[group_rank(group)].contiguous()
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    _check_divisible(x, scatter_dim, n, "all_to_all")
+    inp = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
+    out = torch.empty_like(inp)
+    record_comm("all_to_all", _nbytes(inp) * (n - 1) // n)
+    dist.all_to_all_single(out, inp, group=group)
+    # out[i] is rank i's chunk; concatenate them along gather_dim in rank order
+    return out.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    x = x.clone(memory_format=torch.contiguous_format)
+    record_comm("all_reduce", _nbytes(x))
+    dist.all_reduce(x, group=group)
+    return x
+
+
+# --------------------------------------------------------------------------- autograd wrappers
+
+
+class _AllGather(torch.autograd.Function):
+    """Gather the group's chunks along dim. Backward: reduce-scatter the gradient along dim."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Sum over the group and keep this rank's chunk along dim. Backward: all-gather along dim."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _Split(torch.autograd.Function):
+    """Keep this rank's chunk along dim (no communication). Backward: all-gather along dim."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Move the split from gather_dim to scatter_dim. Backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over the group. Backward: identity (each rank already holds the full gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity. Backward: sum the gradient over the group (the input was used by every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+def _dim(x: torch.Tensor, dim: int) -> int:
+    check(-x.dim() <= dim < x.dim(), ShapeError, f"dim {dim} out of range for a {x.dim()}-d tensor")
+    return dim % x.dim()
+
+
+def all_gather(x: torch.Tensor, dim: int = 1, group=None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order: ``[.., n, ..] -> [.., N*n, ..]``.
+
+    Forward: one all-gather of ``x``; backward: one reduce-scatter of the gradient.
+    """
+    group = resolve_group(group)
+    return _AllGather.apply(x, _dim(x, dim), group)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int = 1, group=None) -> torch.Tensor:
+    """Sum ``x`` over the group and return this rank's chunk along ``dim``: ``[.., N*n, ..] -> [.., n, ..]``.
+
+    Forward: one reduce-scatter; backward: one all-gather.  ``x.shape[dim]`` must be divisible by N.
+    """
+    group = resolve_group(group)
+    dim = _dim(x, dim)
+    if group_size(group) > 1:
+        _check_divisible(x, dim, group_size(group), "reduce_scatter")
+    return _ReduceScatter.apply(x, dim, group)
+
+
+def split(x: torch.Tensor, dim: int = 1, group=None) -> torch.Tensor:
+    """This rank's contiguous chunk of a replicated ``x`` along ``dim``: ``[.., N*n, ..] -> [.., n, ..]``.
+
+    Forward: no communication; backward: one all-gather of the gradient.
+    """
+    group = resolve_group(group)
+    dim = _dim(x, dim)
+    if group_size(group) > 1:
+        _check_divisible(x, dim, group_size(group), "split")
+    return _Split.apply(x, dim, group)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Re-shard ``x`` from ``gather_dim`` to ``scatter_dim``.
+
+    E.g. ``[B, S/N, H, D] -> [B, S, H/N, D]`` with ``scatter_dim=2, gather_dim=1``.
+    Forward: one all-to-all moving (N-1)/N of ``x``; backward: the inverse all-to-all.
+    """
+    group = resolve_group(group)
+    scatter_dim, gather_dim = _dim(x, scatter_dim), _dim(x, gather_dim)
+    check(scatter_dim != gather_dim, ShapeError, "all_to_all needs scatter_dim != gather_dim")
+    if group_size(group) > 1:
+        _check_divisible(x, scatter_dim, group_size(group), "all_to_all")
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``x`` over the group (forward all-reduce, backward identity): Megatron's reduce-from-TP-region."""
+    return _AllReduce.apply(x, resolve_group(group))
+
+
+def copy_to_group(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient backward: Megatron's copy-to-TP-region."""
+    return _CopyToGroup.apply(x, resolve_group(group))
+
+
+# --------------------------------------------------------------------------- ring exchange
+
+
+class _Pending:
+    """An in-flight ring transfer; :meth:`wait` returns the tensor received from the previous rank."""
+
+    def __init__(self, works, recv: torch.Tensor, finish=None):
+        self._works, self._recv, self._finish = works, recv, finish
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        if self._finish is not None:
+            self._recv, self._finish = self._finish(self._recv), None
+        return self._recv
+
+
+class RingExchange:
+    """Send a tensor to the next rank of a group while receiving one from the previous rank.
+
+    ``start(x)`` returns immediately with a handle; ``handle.wait()`` returns the
+    tensor that arrived (same shape and dtype as ``x``), so the caller can compute
+    on its current block while the next one travels.
+
+    Transport (``mode``):
+
+    * ``"p2p"``: ``batch_isend_irecv`` (NCCL; gloo with CPU tensors).  Asynchronous.
+    * ``"alltoall"``: one ``all_to_all_single`` with every split empty except the
+      one to the next rank.  gloo cannot send/recv CUDA tensors (it aborts with
+      "Bad address") but does run all-to-all on them, so this is the fallback for
+      several processes sharing one GPU over gloo.  Asynchronous too.
+    * ``"auto"``: ``alltoall`` for CUDA tensors on a gloo group, else ``p2p``.
+    """
+
+    def __init__(self, group=None, mode: str = "auto"):
+        check(mode in ("auto", "p2p", "alltoall"), ShapeError,
+              f"unknown ring exchange mode {mode!r}: use 'auto', 'p2p' or 'alltoall'")
+        self.group = resolve_group(group)
+        self.size = group_size(self.group)
+        self.rank = group_rank(self.group)
+        self.mode = mode
+        if self.size > 1:
+            self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+            self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+
+    def _mode_for(self, x: torch.Tensor) -> str:
+        if self.mode != "auto":
+            return self.mode
+        gloo = dist.get_backend(self.group) == "gloo"
+        return "alltoall" if (gloo and x.device.type == "cuda") else "p2p"
+
+    def start(self, x: torch.Tensor) -> _Pending:
+        """Begin sending ``x`` to rank+1 and receiving from rank-1 (ranks within the group)."""
+        if self.size == 1:
+            return _Pending([], x)
+        x = x.contiguous()
+        record_comm("ring_exchange", _nbytes(x))
+        if self._mode_for(x) == "p2p":
+            recv = torch.empty_like(x)
+            ops = [dist.P2POp(dist.isend, x, self.next, self.group), dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+            works = dist.batch_isend_irecv(ops)
+            # keep x alive until the send completes: it is referenced by the op list
+            return _Pending(works + [_KeepAlive(x)], recv)
+        n, numel = self.size, x.numel()
+        send_splits = [numel if i == (self.rank + 1) % n else 0 for i in range(n)]
+        recv_splits = [numel if i == (self.rank - 1) % n else 0 for i in range(n)]
+        recv = x.new_empty(numel)
+        work = dist.all_to_all_single(recv, x.reshape(-1), recv_splits, send_splits, group=self.group, async_op=True)
+        return _Pending([work, _KeepAlive(x)], recv, finish=lambda r: r.view(x.shape))
+
+    def rotate(self, x: torch.Tensor):
+        """Yield ``(source_rank, block)`` for every rank's block, starting with our own ``x``.
+
+        The transfer of the next block is started before the current one is
+        yielded, so whatever the caller computes on it overlaps the transfer.
+        N-1 transfers in all.
+        """
+        for step in range(self.size):
+            pending = self.start(x) if step < self.size - 1 else None
+            yield (self.rank - step) % self.size, x
+            if pending is not None:
+                x = pending.wait()
+
+    def carry(self) -> "RingCarry":
+        """A per-block accumulator travelling with the blocks of :meth:`rotate` (see :class:`RingCarry`)."""
+        return RingCarry(self)
+
+
+class RingCarry:
+    """Sum contributions to a block that visits every rank, delivering the total to the block's owner.
+
+    Call :meth:`add` once per :meth:`RingExchange.rotate` step with this rank's
+    contribution to the block it holds: the running sum from the previous ranks
+    is added and passed on to the next rank (asynchronously, overlapping the
+    next step).  After the N-th call :meth:`total` returns the sum for this
+    rank's own block.  N transfers in all.
+    """
+
+    def __init__(self, ring: RingExchange):
+        self.ring, self._pending = ring, None
+
+    def add(self, contribution: torch.Tensor) -> None:
+        if self._pending is not None:
+            contribution += self._pending.wait()
+        self._pending = self.ring.start(contribution)
+
+    def total(self) -> torch.Tensor:
+        out, self._pending = self._pending.wait(), None
+        return out
+
+
+class _KeepAlive:
+    """Holds a tensor referenced by an in-flight transfer until the handle is waited on."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def wait(self) -> None:
+        self.t = None

@@ -1,0 +1,371 @@
+"""Local attention that returns its log-sum-exp, and the merge of partial results.
+
+Every sequence-parallel strategy reduces to "attend a block of queries to a block
+of keys, keep (out, lse), merge the partial results".  This module is the only
+place that calls attention kernels; everything above it works on (out, lse).
+
+Layout: q ``[B, Lq, H, D]``, k and v ``[B, Lk, Hkv, D]`` (BSHD, ``H % Hkv == 0``
+for GQA/MQA), out ``[B, Lq, H, D]`` in the input dtype, lse ``[B, H, Lq]`` in
+float32 (float64 for float64 inputs).
+
+Causal masks at an offset
+-------------------------
+Ring attention attends a query block to key blocks that sit elsewhere in the
+global sequence.  The convention, defined once here: with ``causal=True`` and
+``causal_offset=d``, local query ``i`` may see local key ``j`` iff ``j <= i + d``.
+For blocks cut from contiguous global ranges starting at ``q_start`` and
+``k_start`` that is ``d = q_start - k_start``; ``d = 0`` is the usual
+(top-left aligned) causal mask, ``d >= Lk - 1`` sees everything and
+``d <= -Lq`` sees nothing.  Fused kernels only know ``d = 0``, so any other
+offset is cut into :class:`Piece` s that are each either unmasked or plain causal
+(:func:`mask_pieces`); no mask tensor is ever built.
+
+Traps of PyTorch's CPU flash op that are handled here: a zero-length input
+kills the process (we never call it with one), q heads not divisible by kv
+heads silently gives NaN (we raise), a fully masked row gives lse 0 instead of
+-inf (pieces never contain a fully masked row; uncovered rows get lse -inf),
+causal is top-left aligned when lengths differ (the offset convention above).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ShapeError, check
+from .stats import record_work
+
+__all__ = [
+    "Piece",
+    "mask_pieces",
+    "attention_with_lse",
+    "attention_forward",
+    "attention_backward",
+    "block_forward",
+    "block_backward",
+    "merge",
+    "merge_into",
+    "pick_backend",
+    "reference_attention",
+]
+
+BACKENDS = ("auto", "cpu_flash", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``q`` attend to keys ``k``, either fully or with a plain causal mask."""
+
+    q: slice
+    k: slice
+    causal: bool
+
+
+def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[Piece]:
+    """Cut the (possibly offset) causal mask of an ``lq x lk`` block into fused-kernel calls.
+
+    Returns an empty list when no query sees any key.  Rows not covered by any
+    piece see nothing (their out is 0 and lse is -inf).
+    """
+    if lq == 0 or lk == 0:
+        return []
+    if not causal or causal_offset >= lk - 1:
+        return [Piece(slice(0, lq), slice(0, lk), False)]
+    d = causal_offset
+    if d + lq - 1 < 0:
+        return []
+    if d <= 0:
+        # rows i < -d see nothing; row i >= -d sees keys 0..i+d: plain causal on q[-d:]
+        return [Piece(slice(-d, lq), slice(0, lk), True)]
+    # 0 < d < lk - 1: keys [0, d) are visible to every row, keys [d, lk) causally
+    return [Piece(slice(0, lq), slice(0, d), False), Piece(slice(0, lq), slice(d, lk), True)]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _visible_pairs(lq: int, lk: int, causal: bool) -> int:
+    """Query-key pairs a piece attends (top-left causal: row i sees min(i+1, lk) keys)."""
+    if not causal:
+        return lq * lk
+    m = min(lq, lk)
+    return m * (m + 1) // 2 + (lq - m) * lk
+
+
+def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """Choose the kernel for ``q``'s device, dtype and head dim (``backend`` forces one)."""
+    check(backend in BACKENDS, ShapeError, f"unknown attention backend {backend!r}: choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type == "cuda":
+        d = q.shape[-1]
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if half and d in (64, 128) and torch.backends.cudnn.is_available() and _cuda_cap(q) >= (9, 0):
+            return "cudnn"
+        if half and d <= 256 and d % 8 == 0:
+            return "flash"
+        if q.dtype != torch.float64 and d % 8 == 0:
+            return "efficient"
+    return "math"
+
+
+def _cuda_cap(q: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(q.device)
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat kv heads to ``heads`` (BSHD), for kernels without native GQA. Local only."""
+    rep = heads // k.shape[2]
+    return k if rep == 1 else k.repeat_interleave(rep, dim=2)
+
+
+def _fold_kv_grad(dk: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the gradients of repeated kv heads back onto the ``kv_heads`` originals (BSHD)."""
+    b, s, h, d = dk.shape
+    return dk if h == kv_heads else dk.view(b, s, kv_heads, h // kv_heads, d).sum(3)
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float, backend: str):
+    """One fused kernel call on a piece: returns (out BSHD input dtype, lse [B, H, Lq] float32)."""
+    record_work(_visible_pairs(q.shape[1], k.shape[1], causal))
+    if backend == "math":
+        return _math_forward(q, k, v, causal, scale)
+    if backend == "cpu_flash":  # native GQA when divisible (checked by the caller)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
+        )
+        return _bhsd(out), lse
+    h = q.shape[2]
+    qt, kt, vt = _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h))
+    if backend == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+    elif backend == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)
+    elif backend == "efficient":
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
+    else:
+        raise ShapeError(f"unknown attention backend {backend!r}")
+    lse = res[1]
+    if lse.dim() == 4:  # cuDNN returns [B, H, L, 1]
+        lse = lse.squeeze(-1)
+    # the efficient kernel pads lse's length to a multiple of 32
+    return _bhsd(res[0]), lse[..., : q.shape[1]]
+
+
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str):
+    """Gradient of one piece given the *final* out and lse of the rows (BSHD in and out).
+
+    Because softmax normalisation is carried by ``lse``, calling this per key
+    block with the global out/lse gives gradients that sum to the full ones.
+    """
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, causal, scale)
+    lse = lse.contiguous()
+    if backend == "cpu_flash":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, causal, scale=scale
+        )
+        return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+    h, hkv = q.shape[2], k.shape[2]
+    lq, lk = q.shape[1], k.shape[1]
+    qt, kt, vt = _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h))
+    dot, ot = _bhsd(dout), _bhsd(out)
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    if backend == "flash":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse, empty, empty, lq, lk, 0.0, causal, empty, empty, scale=scale
+        )
+    elif backend == "cudnn":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dot, qt, kt, vt, ot, lse.unsqueeze(-1), empty, empty, None, empty, empty, lq, lk, 0.0, causal, scale=scale
+        )
+    elif backend == "efficient":
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dot, qt, kt, vt, None, ot, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+        )
+    else:
+        raise ShapeError(f"unknown attention backend {backend!r}")
+    return _bhsd(dq), _fold_kv_grad(_bhsd(dk), hkv), _fold_kv_grad(_bhsd(dv), hkv)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _math_scores(q, k, causal, scale):
+    """Masked scaled scores [B, H, Lq, Lk] in the accumulation dtype (fallback only)."""
+    acc = _acc_dtype(q.dtype)
+    kk = _expand_kv(k, q.shape[2])
+    s = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk.to(acc)) * scale
+    if causal:
+        lq, lk = q.shape[1], k.shape[1]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, causal, scale):
+    s = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.einsum("bhij,bjhd->bihd", p, _expand_kv(v, q.shape[2]).to(s.dtype))
+    return out.to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    h, hkv = q.shape[2], k.shape[2]
+    s = _math_scores(q, k, causal, scale)
+    p = torch.exp(s - lse.to(acc).unsqueeze(-1))
+    do, vv = dout.to(acc), _expand_kv(v, h).to(acc)
+    dv = torch.einsum("bhij,bihd->bjhd", p, do)
+    dp = torch.einsum("bihd,bjhd->bhij", do, vv)
+    delta = (do * out.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Lq, 1]
+    ds = p * (dp - delta) * scale
+    dq = torch.einsum("bhij,bjhd->bihd", ds, _expand_kv(k, h).to(acc))
+    dk = torch.einsum("bhij,bihd->bjhd", ds, q.to(acc))
+    return dq.to(q.dtype), _fold_kv_grad(dk, hkv).to(k.dtype), _fold_kv_grad(dv, hkv).to(v.dtype)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial attentions over disjoint key sets.
+
+    out ``[B, L, H, D]``, lse ``[B, H, L]``.  Computed in float32 (float64 for
+    float64): ``lse = logaddexp(lse_a, lse_b)``, ``out = w_a*out_a + w_b*out_b`` with
+    ``w_x = exp(lse_x - lse) = sigmoid(lse_x - lse_other)``.  Written with
+    logaddexp rather than sigmoid so a side with lse = -inf (no visible key)
+    gets weight exactly 0, and both sides -inf give out 0, lse -inf, not NaN.
+    Returns (out float32, lse float32).
+    """
+    acc = torch.promote_types(_acc_dtype(out_a.dtype), _acc_dtype(out_b.dtype))
+    out = out_a.to(acc).clone()
+    lse = lse_a.to(acc).clone()
+    merge_into(out, lse, out_b, lse_b)
+    return out, lse
+
+
+def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """In-place :func:`merge` of (out, lse) into float accumulators (views are fine)."""
+    new_lse = torch.logaddexp(acc_lse, lse.to(acc_lse.dtype))
+    finite = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_acc = torch.exp(acc_lse - finite).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(lse.to(acc_lse.dtype) - finite).transpose(1, 2).unsqueeze(-1)
+    acc_out.mul_(w_acc).add_(out.to(acc_out.dtype) * w_new)
+    acc_lse.copy_(new_lse)
+
+
+# --------------------------------------------------------------------------- local attention
+
+
+def _check_qkv(q, k, v) -> None:
+    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, ShapeError,
+          f"q, k, v must be [batch, seq, heads, head_dim]; got dims {q.dim()}, {k.dim()}, {v.dim()}")
+    check(k.shape == v.shape, ShapeError, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    check(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3], ShapeError,
+          f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    check(q.dtype == k.dtype == v.dtype, ShapeError, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check(q.device == k.device == v.device, ShapeError, f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0, ShapeError,
+          f"q heads={q.shape[2]} not divisible by kv heads={k.shape[2]} (GQA needs heads % kv_heads == 0)")
+
+
+def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str):
+    """Forward of one (q block, k block) pair under the offset mask, no autograd.
+
+    Returns (out in q's dtype, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).
+    """
+    b, lq, h, _ = q.shape
+    pieces = mask_pieces(lq, k.shape[1], causal, causal_offset)
+    if len(pieces) == 1 and pieces[0].q == slice(0, lq):
+        p = pieces[0]
+        return block_forward(q, k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
+    acc_out = torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device)
+    acc_lse = torch.full((b, h, lq), float("-inf"), dtype=acc_out.dtype, device=q.device)
+    for p in pieces:
+        o, l = block_forward(q[:, p.q], k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
+        merge_into(acc_out[:, p.q], acc_lse[:, :, p.q], o, l)
+    return acc_out.to(q.dtype), acc_lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
+                       backend: str, grads=None):
+    """Backward of one block pair given the rows' final out and lse.
+
+    ``grads`` = (dq, dk, dv) accumulators to add into (any float dtype, BSHD);
+    when None, fresh float32 zeros are used.  Returns the accumulators.
+    """
+    if grads is None:
+        acc = _acc_dtype(q.dtype)
+        grads = tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads
+    for p in mask_pieces(q.shape[1], k.shape[1], causal, causal_offset):
+        gq, gk, gv = block_backward(dout[:, p.q], q[:, p.q], k[:, p.k], v[:, p.k], out[:, p.q], lse[:, :, p.q],
+                                    causal=p.causal, scale=scale, backend=backend)
+        dq[:, p.q] += gq
+        dk[:, p.k] += gk
+        dv[:, p.k] += gv
+    return grads
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, causal_offset, scale, backend):
+        out, lse = attention_forward(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, causal_offset, scale, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, offset, scale, backend = ctx.args
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, causal_offset=offset,
+                                        scale=scale, backend=backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                       scale: float | None = None, causal_offset: int = 0,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q ``[B, Lq, H, D]`` over k, v ``[B, Lk, Hkv, D]`` returning (out, lse).
+
+    out is ``[B, Lq, H, D]`` in q's dtype; lse is ``[B, H, Lq]`` float32 (float64
+    for float64 input) and not differentiable.  ``causal_offset`` places the
+    causal diagonal (see the module docstring).  Differentiable in q, k, v
+    through the fused backward ops: only q, k, v, out and lse are saved, never
+    a score matrix.  No communication.
+    """
+    _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = pick_backend(q, backend)
+    if q.shape[1] == 0 or k.shape[1] == 0:  # the CPU op dies with SIGFPE on empty input
+        b, lq, h, d = q.shape
+        out = q.new_zeros(b, lq, h, d) + 0 * (q.sum() + k.sum() + v.sum())
+        return out, torch.full((b, h, lq), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
+    return _AttentionWithLse.apply(q, k, v, bool(causal), int(causal_offset), scale, backend)
+
+
+def reference_attention(q, k, v, *, causal=False, causal_offset=0, scale=None, dtype=torch.float64):
+    """Dense reference in ``dtype`` (tests and `seqpar check`): returns (out, lse); O(Lq*Lk) memory."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    h = q.shape[2]
+    qq, kk, vv = q.to(dtype), _expand_kv(k, h).to(dtype), _expand_kv(v, h).to(dtype)
+    s = torch.einsum("bihd,bjhd->bhij", qq, kk) * scale
+    if causal:
+        i = torch.arange(q.shape[1], device=q.device).unsqueeze(1)
+        j = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    return torch.einsum("bhij,bjhd->bihd", p, vv), lse

@@ -1,0 +1,252 @@
+"""Attention strategies against single-device SDPA, in one run.
+
+Two modes:
+
+* distributed (default): ``--nproc`` local ranks (gloo; on ``--device cuda`` all
+  ranks share cuda:0, the only way to run several ranks on one GPU), each
+  strategy's forward+backward time (max over ranks, median of ``--reps``), its
+  ratio to single-device SDPA on the whole sequence timed in the same worker
+  processes, activation bytes saved for backward per rank, and on CUDA the peak
+  memory per rank.
+* ``--emulate-ring``: one process, one GPU: the decomposition efficiency of a
+  ring rank, ``(single-device attention time / N) / (one rank's ring compute)``,
+  running the ring's own block loop (layout tasks, fused kernels, float32
+  merge) on the blocks a rank would receive, without communication.  With
+  ``--backward`` the backward loop is timed too.
+
+Examples::
+
+    python benchmarks/attention.py --nproc 4 --seq-lens 1024 2048 4096
+    python benchmarks/attention.py --emulate-ring --device cuda --dtype bfloat16 \\
+        --heads 32 --kv-heads 32 --head-dim 128 --nproc 8 --seq-lens 32768 131072
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STRATEGIES = ["ring", "ulysses", "allgather", "ring_qk_av"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(b, s, h, hkv, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
+    return [torch.randn(*sh, generator=g).to(device=device, dtype=dtype) for sh in shapes]
+
+
+class SavedBytes:
+    """Bytes of distinct storages autograd saves for backward inside the block (activation memory)."""
+
+    def __init__(self):
+        self.bytes, self._seen = 0, set()
+
+    def _pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _time(fn, device, reps):
+    fn()  # warm-up (first collectives open connections; kernels pick algorithms)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_rank(cfg: dict):
+    """Worker task: time every strategy and (on rank 0) single-device SDPA for one sequence length."""
+    import torch.distributed as dist
+
+    import seqpar
+    from seqpar.layout import get_layout
+
+    device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    mesh = seqpar.get_mesh() or seqpar.init()
+    n, r = mesh.sp, mesh.rank("sp")
+    q, k, v, do = _inputs(cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], dtype, device)
+    out = {}
+    for strategy in cfg["strategies"]:
+        idx = get_layout(cfg["layout"]).indices(cfg["seq_len"], n, r).to(device)
+        ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
+        dol = do[:, idx]
+
+        def step():
+            o = seqpar.attention(ql, kl, vl, causal=cfg["causal"], strategy=strategy, layout=cfg["layout"])
+            o.backward(dol)
+
+        dist.barrier()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = _time(step, device, cfg["reps"])
+        with SavedBytes() as saved:
+            o = seqpar.attention(ql, kl, vl, causal=cfg["causal"], strategy=strategy, layout=cfg["layout"])
+        del o
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        out[strategy] = {"time": t, "saved": saved.bytes, "peak": peak}
+    dist.barrier()
+    if r == 0:  # single-device baseline on the whole sequence, in the same kind of process
+        qs, ks, vs = (t.transpose(1, 2).clone().requires_grad_() for t in (q, k, v))
+
+        def single():
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=cfg["causal"], enable_gqa=True)
+            o.backward(do.transpose(1, 2))
+
+        out["single"] = {"time": _time(single, device, cfg["reps"])}
+        with SavedBytes() as saved:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=cfg["causal"], enable_gqa=True)
+        out["single"]["saved"] = saved.bytes
+    dist.barrier()
+    return out
+
+
+def run_distributed(ns) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # ranks import this file as a module
+    from seqpar.workers import WorkerPool
+
+    print(f"# attention fwd+bwd, {ns.nproc} ranks on {ns.device} (gloo), {ns.dtype}, B={ns.batch} H={ns.heads} "
+          f"Hkv={ns.kv_heads} D={ns.head_dim}, causal={ns.causal}, layout={ns.layout}; median of {ns.reps}")
+    print("| S | strategy | ms (max over ranks) | x single-device SDPA | saved MB/rank | saved vs single |"
+          + (" peak MB/rank |" if ns.device == "cuda" else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if ns.device == "cuda" else ""))
+    import attention as this  # noqa: F401  (the module the ranks import)
+
+    with WorkerPool(ns.nproc, threads_per_rank=ns.threads) as pool:
+        for s in ns.seq_lens:
+            cfg = {k: getattr(ns, k) for k in ("device", "dtype", "batch", "heads", "kv_heads", "head_dim",
+                                               "causal", "layout", "reps")}
+            cfg.update(seq_len=s, strategies=ns.strategies)
+            res = pool.run(this.bench_rank, cfg)
+            single = res[0]["single"]
+            print(f"| {s} | single-device SDPA | {single['time'] * 1e3:.1f} | 1.00 | {single['saved'] / 2**20:.1f} | 1.00 |"
+                  + (" - |" if ns.device == "cuda" else ""))
+            for strategy in ns.strategies:
+                t = max(r_[strategy]["time"] for r_ in res)
+                saved = max(r_[strategy]["saved"] for r_ in res)
+                line = (f"| {s} | {strategy} | {t * 1e3:.1f} | {t / single['time']:.2f} | {saved / 2**20:.1f} | "
+                        f"{saved / single['saved']:.2f} |")
+                if ns.device == "cuda":
+                    line += f" {max(r_[strategy]['peak'] for r_ in res) / 2**20:.0f} |"
+                print(line, flush=True)
+
+
+def run_emulated_ring(ns) -> None:
+    """Decomposition efficiency of one ring rank, on one device, no communication."""
+    from seqpar.attention.ring import _backward_block, _empty_acc, _forward_block
+    from seqpar.kernels import attention_with_lse, pick_backend
+    from seqpar.layout import get_layout
+
+    device, dtype, n = ns.device, DTYPES[ns.dtype], ns.nproc
+    print(f"# emulated ring rank: N={n}, {ns.dtype}, B={ns.batch} H={ns.heads} Hkv={ns.kv_heads} D={ns.head_dim}, "
+          f"{device}; efficiency = (single-device time / N) / (worst rank's ring compute); median of {ns.reps}")
+    print("| S | causal | layout | pass | single ms | single/N ms | worst rank ms | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
+    lay = get_layout(ns.layout)
+    for s in ns.seq_lens:
+        for causal in ns.mask:
+            q, k, v, do = _inputs(ns.batch, s, ns.heads, ns.kv_heads, ns.head_dim, dtype, device)
+            backend = pick_backend(q, ns.backend)
+            scale = ns.head_dim ** -0.5
+            t_single = _time(lambda: attention_with_lse(q, k, v, causal=causal, backend=backend), device, ns.reps)
+            local = s // n
+            worst = 0.0
+            for r in range(n) if causal else [0]:  # non-causal: every rank does the same work
+                idx = lay.indices(s, n, r).to(device)
+                ql = q[:, idx]
+                blocks = [(src, torch.stack([k[:, lay.indices(s, n, src).to(device)],
+                                             v[:, lay.indices(s, n, src).to(device)]])) for src in range(n)]
+
+                def rank_forward():
+                    acc_out, acc_lse = _empty_acc(ql)
+                    for src, kv in blocks:
+                        _forward_block(ql, kv, lay.ring_tasks(n, r, src, local, causal), acc_out, acc_lse, scale, backend)
+                    return acc_out.to(ql.dtype), acc_lse
+
+                worst = max(worst, _time(rank_forward, device, ns.reps))
+            eff = (t_single / n) / worst
+            print(f"| {s} | {causal} | {ns.layout} | fwd | {t_single * 1e3:.2f} | {t_single / n * 1e3:.2f} | "
+                  f"{worst * 1e3:.2f} | {eff:.2f} |", flush=True)
+            if ns.backward:
+                qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+                out_full, lse_full = attention_with_lse(qs, ks, vs, causal=causal, backend=backend)
+                t_single_b = _time(lambda: torch.autograd.grad(out_full, (qs, ks, vs), do, retain_graph=True),
+                                   device, ns.reps)
+                worst_b = 0.0
+                for r in range(n) if causal else [0]:
+                    idx = lay.indices(s, n, r).to(device)
+                    ql, dol = q[:, idx], do[:, idx]
+                    out_l, lse_l = out_full[:, idx].detach(), lse_full[:, :, idx]
+                    blocks = [(src, torch.stack([k[:, lay.indices(s, n, src).to(device)],
+                                                 v[:, lay.indices(s, n, src).to(device)]])) for src in range(n)]
+
+                    def rank_backward():
+                        dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
+                        for src, kv in blocks:
+                            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=device)
+                            _backward_block(dol, ql, kv, out_l, lse_l, lay.ring_tasks(n, r, src, local, causal), dq,
+                                            dkv, scale, backend)
+
+                    worst_b = max(worst_b, _time(rank_backward, device, ns.reps))
+                print(f"| {s} | {causal} | {ns.layout} | bwd | {t_single_b * 1e3:.2f} | {t_single_b / n * 1e3:.2f} | "
+                      f"{worst_b * 1e3:.2f} | {(t_single_b / n) / worst_b:.2f} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (distributed mode)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--no-causal", dest="causal", action="store_false")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--emulate-ring", action="store_true", help="decomposition efficiency of one ring rank")
+    p.add_argument("--mask", nargs="+", default=["causal", "full"], choices=("causal", "full"),
+                   help="(emulate-ring) masks to measure")
+    p.add_argument("--backward", action="store_true", help="(emulate-ring) time the backward loop too")
+    p.add_argument("--backend", default="auto", help="(emulate-ring) local kernel: auto, cudnn, flash, ...")
+    ns = p.parse_args()
+    ns.mask = [m == "causal" for m in ns.mask]
+    if ns.emulate_ring:
+        run_emulated_ring(ns)
+    else:
+        run_distributed(ns)
+
+
+if __name__ == "__main__":
+    main()

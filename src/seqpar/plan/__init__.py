@@ -1,0 +1,51 @@
+"""Analytic memory / communication / time planner for sequence parallelism.
+
+Pure Python (no torch, no process groups). Given a model shape
+(:mod:`seqpar.configs`), a sequence length and a GPU count, it computes per
+GPU:
+
+* activation memory, following Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation in Large Transformer Models"), generalised to
+  GQA, SwiGLU, any FFN width, fused attention kernels and the sequence-
+  parallel strategies of this package (:mod:`seqpar.plan.memory`);
+* parameter, gradient and optimizer memory with ZeRO 0-3
+  (:func:`model_state_memory`);
+* bytes sent per layer, forward and backward, under standard ring
+  collective cost models (:mod:`seqpar.plan.comm`);
+* a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand
+  bandwidths, with ring transfers overlapped with block compute
+  (:mod:`seqpar.plan.timing`);
+
+and :func:`plan` enumerates every layout, drops the ones that do not fit and
+recommends the fastest (:mod:`seqpar.plan.planner`).
+
+Units: bytes (GB = 1e9 bytes), seconds, FLOPs; bandwidths in GB/s.
+
+Example::
+
+    >>> from seqpar.plan import plan
+    >>> p = plan("llama3-8b", seq_len=131072, n_gpus=32)
+    >>> p.recommended.label, p.reason
+    >>> print(p.table(limit=10))
+"""
+from seqpar.plan.comm import (CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes,
+                              comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes)
+from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
+                                group_spans_nodes, resolve_layout)
+from seqpar.plan.memory import (GB, MemoryBreakdown, activation_memory, activation_memory_per_layer,
+                                activation_terms_per_layer, hidden_state_bytes, model_state_memory,
+                                non_layer_activation_terms, parameter_count)
+from seqpar.plan.planner import Candidate, Plan, Settings, evaluate, plan
+from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, layer_flops
+
+__all__ = [
+    "ATTENTION_KERNELS", "RECOMPUTE_MODES", "SP_STRATEGIES", "STRATEGIES", "GB",
+    "Layout", "resolve_layout", "group_spans_nodes",
+    "hidden_state_bytes", "activation_terms_per_layer", "activation_memory_per_layer",
+    "non_layer_activation_terms", "activation_memory", "parameter_count", "model_state_memory",
+    "MemoryBreakdown",
+    "Transfer", "CommVolume", "comm_volume_per_layer", "layer_transfers", "dp_comm_bytes",
+    "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
+    "Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time",
+    "Candidate", "Plan", "Settings", "evaluate", "plan",
+]

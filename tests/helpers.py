@@ -41,3 +41,28 @@ def sdpa_reference(q, k, v, do, causal: bool, dtype=torch.float64):
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def masked_reference(q, k, v, do, *, causal: bool, cu_seqlens=None, window=None):
+    """float64 attention with an explicit dense mask (documents, causal, window): (out, dq, dk, dv)."""
+    s = q.shape[1]
+    pos = torch.arange(s)
+    doc = torch.zeros(s, dtype=torch.long)
+    if cu_seqlens is not None:
+        for d, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
+            doc[a:b] = d
+            pos[a:b] = torch.arange(b - a)
+    rel = pos.unsqueeze(0) - pos.unsqueeze(1)  # key pos - query pos
+    keep = doc.unsqueeze(0) == doc.unsqueeze(1)
+    if causal:
+        keep &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep &= rel >= -left
+        if right >= 0:
+            keep &= rel <= right
+    q, k, v = (t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
+    out.backward(do.double().transpose(1, 2))
+    return tuple(t.transpose(1, 2).detach() for t in (out, q.grad, k.grad, v.grad))

@@ -132,8 +132,35 @@ def _fold_kv_grad(dk: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return dk if h == kv_heads else dk.view(b, s, kv_heads, h // kv_heads, d).sum(3)
 
 
-def block_forward(q, k, v, *, causal: bool, scale: float, backend: str):
-    """One fused kernel call on a piece: returns (out BSHD input dtype, lse [B, H, Lq] float32)."""
+def _bias_backend(backend: str) -> str:
+    """Fused CUDA flash/cuDNN calls here take no mask: biased pieces (windows, packing) use math there."""
+    return "math" if backend in ("flash", "cudnn", "efficient") else backend
+
+
+def _hide_dead_rows(out, lse, bias):
+    """Rows whose bias hides every key: out 0 and lse -inf (the CPU op returns lse 0 there)."""
+    dead = torch.isneginf(bias).all(-1)
+    if bool(dead.any()):
+        out = out.masked_fill(dead.view(1, -1, 1, 1), 0.0)
+        lse = lse.masked_fill(dead.view(1, 1, -1), float("-inf"))
+    return out, lse
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: torch.Tensor | None = None):
+    """One fused kernel call on a piece: returns (out BSHD input dtype, lse [B, H, Lq] float32).
+
+    ``bias``: optional additive mask ``[Lq, Lk]`` (-inf hides a key), used instead of ``causal``.
+    """
+    if bias is not None:
+        record_work(int((bias == 0).sum()))
+        backend = _bias_backend(backend)
+        if backend == "math":
+            out, lse = _math_forward(q, k, v, False, scale, bias)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _bhsd(q), _bhsd(k), _bhsd(v), 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+            out = _bhsd(out)
+        return _hide_dead_rows(out, lse, bias)
     record_work(_visible_pairs(q.shape[1], k.shape[1], causal))
     if backend == "math":
         return _math_forward(q, k, v, causal, scale)
@@ -159,15 +186,26 @@ def block_forward(q, k, v, *, causal: bool, scale: float, backend: str):
     return _bhsd(res[0]), lse[..., : q.shape[1]]
 
 
-def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str):
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backend: str,
+                   bias: torch.Tensor | None = None):
     """Gradient of one piece given the *final* out and lse of the rows (BSHD in and out).
 
     Because softmax normalisation is carried by ``lse``, calling this per key
     block with the global out/lse gives gradients that sum to the full ones.
+    Rows that see no key at all (lse -inf) contribute nothing.
     """
+    # a row with no visible key anywhere has lse -inf; any finite stand-in gives p = 0 for it
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).contiguous()
+    if bias is not None:
+        backend = _bias_backend(backend)
+        if backend == "math":
+            return _math_backward(dout, q, k, v, out, lse, False, scale, bias)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, False, attn_mask=bias.to(q.dtype),
+            scale=scale)
+        return _bhsd(dq), _bhsd(dk), _bhsd(dv)
     if backend == "math":
         return _math_backward(dout, q, k, v, out, lse, causal, scale)
-    lse = lse.contiguous()
     if backend == "cpu_flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, causal, scale=scale
@@ -199,11 +237,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _math_scores(q, k, causal, scale):
+def _math_scores(q, k, causal, scale, bias=None):
     """Masked scaled scores [B, H, Lq, Lk] in the accumulation dtype (fallback only)."""
     acc = _acc_dtype(q.dtype)
     kk = _expand_kv(k, q.shape[2])
     s = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk.to(acc)) * scale
+    if bias is not None:
+        s = s + bias.to(device=s.device, dtype=acc)
     if causal:
         lq, lk = q.shape[1], k.shape[1]
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
@@ -211,18 +251,18 @@ def _math_scores(q, k, causal, scale):
     return s
 
 
-def _math_forward(q, k, v, causal, scale):
-    s = _math_scores(q, k, causal, scale)
+def _math_forward(q, k, v, causal, scale, bias=None):
+    s = _math_scores(q, k, causal, scale, bias)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
+    p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
     out = torch.einsum("bhij,bjhd->bihd", p, _expand_kv(v, q.shape[2]).to(s.dtype))
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def _math_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     acc = _acc_dtype(q.dtype)
     h, hkv = q.shape[2], k.shape[2]
-    s = _math_scores(q, k, causal, scale)
+    s = _math_scores(q, k, causal, scale, bias)
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
     do, vv = dout.to(acc), _expand_kv(v, h).to(acc)
     dv = torch.einsum("bhij,bihd->bjhd", p, do)
@@ -279,11 +319,13 @@ def _check_qkv(q, k, v) -> None:
           f"q heads={q.shape[2]} not divisible by kv heads={k.shape[2]} (GQA needs heads % kv_heads == 0)")
 
 
-def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str):
-    """Forward of one (q block, k block) pair under the offset mask, no autograd.
+def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None):
+    """Forward of one (q block, k block) pair under the offset mask (or ``bias``), no autograd.
 
     Returns (out in q's dtype, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).
     """
+    if bias is not None:
+        return block_forward(q, k, v, causal=False, scale=scale, backend=backend, bias=bias.to(q.device))
     b, lq, h, _ = q.shape
     pieces = mask_pieces(lq, k.shape[1], causal, causal_offset)
     if len(pieces) == 1 and pieces[0].q == slice(0, lq):
@@ -298,7 +340,7 @@ def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
-                       backend: str, grads=None):
+                       backend: str, grads=None, bias=None):
     """Backward of one block pair given the rows' final out and lse.
 
     ``grads`` = (dq, dk, dv) accumulators to add into (any float dtype, BSHD);
@@ -308,6 +350,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: 
         acc = _acc_dtype(q.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     dq, dk, dv = grads
+    if bias is not None:
+        gq, gk, gv = block_backward(dout, q, k, v, out, lse, causal=False, scale=scale, backend=backend,
+                                    bias=bias.to(q.device))
+        dq += gq
+        dk += gk
+        dv += gv
+        return grads
     for p in mask_pieces(q.shape[1], k.shape[1], causal, causal_offset):
         gq, gk, gv = block_backward(dout[:, p.q], q[:, p.q], k[:, p.k], v[:, p.k], out[:, p.q], lse[:, :, p.q],
                                     causal=p.causal, scale=scale, backend=backend)

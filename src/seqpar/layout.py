@@ -11,26 +11,18 @@ expressed with the causal-offset convention of :mod:`seqpar.kernels`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from . import comm
 from .errors import ConfigError, ShapeError, check
-from .mesh import group_rank, group_size, resolve_group
+from .masks import Task, TokenMeta, block_tasks
+from .mesh import Mesh, get_mesh, group_rank, group_size, resolve_group
+from .packing import SeqInfo, seq_info
 
-__all__ = ["Layout", "Task", "get_layout", "shard", "unshard", "position_ids", "LAYOUTS"]
-
-
-@dataclass(frozen=True)
-class Task:
-    """Local query rows ``q`` attend local key rows ``k`` with mask (causal, causal_offset)."""
-
-    q: slice
-    k: slice
-    causal: bool
-    offset: int = 0
+__all__ = ["Layout", "Task", "Nested", "get_layout", "resolve_layout", "shard", "unshard", "position_ids",
+           "LAYOUTS"]
 
 
 class Layout:
@@ -43,8 +35,13 @@ class Layout:
         raise NotImplementedError
 
     def ring_tasks(self, n: int, q_rank: int, kv_rank: int, local_len: int, causal: bool) -> list[Task]:
-        """Attention work of ``q_rank``'s queries against ``kv_rank``'s keys (empty: nothing visible)."""
-        raise NotImplementedError
+        """Attention work of ``q_rank``'s queries against ``kv_rank``'s keys (empty: nothing visible).
+
+        Generic version from the positions each rank holds; layouts override it with closed forms.
+        """
+        s = local_len * n
+        return block_tasks(TokenMeta.single(self.indices(s, n, q_rank)),
+                           TokenMeta.single(self.indices(s, n, kv_rank)), causal)
 
     def check(self, seq_len: int, n: int) -> None:
         """Raise a ShapeError unless ``seq_len`` tokens split over ``n`` ranks in this layout."""
@@ -117,6 +114,37 @@ class Stripe(Layout):
         return [Task(full, full, True, 0 if kv_rank <= q_rank else -1)]
 
 
+class Nested(Layout):
+    """The 2-D (usp) layout: ``outer`` over the ring degree, each ring shard cut contiguously over ulysses.
+
+    Sequence-parallel rank ``g * ulysses + u`` holds piece ``u`` of ring shard ``g``,
+    so the ulysses all-to-all gathers exactly ring shard ``g`` (in ``outer``'s
+    local order) and the ring then runs in ``outer`` over the ring groups.
+    """
+
+    def __init__(self, outer: Layout, ring: int, ulysses: int):
+        self.outer, self.ring, self.ulysses = outer, ring, ulysses
+        self.name = outer.name
+        self.granule = outer.granule
+
+    def indices(self, seq_len, n, rank):
+        check(n == self.ring * self.ulysses, ConfigError,
+              f"the {self.name} layout of a ring={self.ring} x ulysses={self.ulysses} mesh spans "
+              f"{self.ring * self.ulysses} ranks, not {n}")
+        shard_ = self.outer.indices(seq_len, self.ring, rank // self.ulysses)
+        return shard_.view(self.ulysses, -1)[rank % self.ulysses]
+
+    def __eq__(self, other):
+        return isinstance(other, Nested) and (other.outer, other.ring, other.ulysses) == (
+            self.outer, self.ring, self.ulysses)
+
+    def __hash__(self):
+        return hash((self.outer.name, self.ring, self.ulysses))
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name} over ring={self.ring}, contiguous over ulysses={self.ulysses}>"
+
+
 LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Contiguous, Zigzag, Stripe)}
 
 
@@ -128,67 +156,104 @@ def get_layout(layout: str | Layout) -> Layout:
     return LAYOUTS[layout]
 
 
+def resolve_layout(layout: str | Layout, group=None, mesh: Mesh | None = None) -> Layout:
+    """The layout ``layout`` means on ``group``: on the sp group of a 2-D (ulysses x ring) mesh it is
+    :class:`Nested`, so that shards feed ``strategy="usp"`` directly; elsewhere the plain layout."""
+    lay = get_layout(layout)
+    mesh = mesh if mesh is not None else get_mesh()
+    if (isinstance(lay, Nested) or mesh is None or mesh.ulysses == 1 or mesh.ring == 1
+            or (group is not None and group is not mesh.sp_group)):
+        return lay
+    return Nested(lay, mesh.ring, mesh.ulysses)
+
+
 class _Shard(torch.autograd.Function):
     """Take this rank's positions of a replicated tensor. Backward: gather the gradient (unshard)."""
 
     @staticmethod
-    def forward(ctx, x, dim, layout, group):
-        ctx.args = (dim, layout, group)
-        n = group_size(group)
-        idx = layout.indices(x.shape[dim], n, group_rank(group)).to(x.device)
-        return x.index_select(dim, idx)
+    def forward(ctx, x, dim, info: SeqInfo, group):
+        ctx.args = (dim, info, group)
+        return x.index_select(dim, info.indices(group_rank(group)).to(x.device))
 
     @staticmethod
     def backward(ctx, grad):
-        dim, layout, group = ctx.args
-        return _unshard(grad, dim, layout, group), None, None, None
+        dim, info, group = ctx.args
+        return _gather_padded(grad, dim, info, group), None, None, None
 
 
-def _unshard(x, dim, layout, group):
-    n = group_size(group)
-    if n == 1:
-        return x
+def _gather_padded(x, dim, info: SeqInfo, group):
+    """All-gather the shards and put them in (padded) global order."""
     full = comm.all_gather(x, dim, group)
-    if layout.name == "contiguous":
+    perm = torch.cat([info.indices(r) for r in range(info.n)])
+    if torch.equal(perm, torch.arange(perm.numel())):
         return full
-    inv = torch.argsort(layout.permutation(x.shape[dim] * n, n)).to(x.device)
-    return full.index_select(dim, inv)
+    return full.index_select(dim, torch.argsort(perm).to(x.device))
 
 
-def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None) -> torch.Tensor:
-    """This rank's part of a full (replicated) tensor along ``dim``: ``[.., S, ..] -> [.., S/N, ..]``.
+def _info(lay: Layout, n: int, seq_len: int | None, cu_seqlens, info: SeqInfo | None, pad: bool) -> SeqInfo:
+    if info is not None:
+        check(info.n == n, ShapeError, f"seq_info was made for {info.n} ranks, the group has {n}")
+        return info
+    if cu_seqlens is not None:
+        return seq_info(lay, n, cu_seqlens=cu_seqlens)
+    if not pad:
+        lay.check(seq_len, n)
+    return seq_info(lay, n, seq_len=seq_len)
 
-    No communication forward; backward all-gathers the gradient (the dual, as in
-    Megatron's scatter-to-sequence-parallel-region).
+
+def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None,
+          cu_seqlens=None, return_info: bool = False):
+    """This rank's part of a full (replicated) tensor along ``dim``: ``[.., S, ..] -> [.., S_padded/N, ..]``.
+
+    With ``cu_seqlens`` (packed documents) every document is laid out over the
+    ranks on its own, padded at its end to what the layout needs.  A plain
+    sequence whose length the layout cannot split is padded only when
+    ``return_info=True`` (otherwise a ShapeError says so): then
+    ``(shard, SeqInfo)`` is returned and the :class:`~seqpar.packing.SeqInfo`
+    (padding per document, positions) must be passed to
+    :func:`seqpar.attention` as ``seq_info`` so padding is masked.
+    No communication forward; backward all-gathers the gradient (the dual, as
+    in Megatron's scatter to the sequence-parallel region).
     """
     group = resolve_group(group, mesh)
-    lay = get_layout(layout)
+    lay = resolve_layout(layout, group, mesh)
     dim = dim % x.dim()
-    lay.check(x.shape[dim], group_size(group))
-    if group_size(group) == 1:
-        return x
-    return _Shard.apply(x, dim, lay, group)
+    n = group_size(group)
+    info = _info(lay, n, x.shape[dim], cu_seqlens, None, pad=return_info)
+    check(info.seq_len == x.shape[dim], ShapeError,
+          f"cu_seqlens covers {info.seq_len} tokens but dim {dim} of x has {x.shape[dim]}")
+    out = x if n == 1 and info.padding == 0 else _Shard.apply(info.pad(x, dim), dim, info, group)
+    return (out, info) if return_info else out
 
 
-def unshard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None) -> torch.Tensor:
-    """The full tensor in global order from every rank's shard: ``[.., S/N, ..] -> [.., S, ..]``.
+def unshard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None,
+            cu_seqlens=None, seq_info: SeqInfo | None = None) -> torch.Tensor:
+    """The full tensor in global order from every rank's shard: ``[.., S_padded/N, ..] -> [.., S, ..]``.
 
-    One all-gather forward; backward reduce-scatters the gradient (as
-    :func:`seqpar.comm.all_gather`), i.e. each rank's full-tensor gradient counts.
+    Padding (given by ``cu_seqlens`` or ``seq_info``) is removed.  One all-gather
+    forward; backward reduce-scatters the gradient (as :func:`seqpar.comm.all_gather`).
     """
     group = resolve_group(group, mesh)
-    lay = get_layout(layout)
+    lay = resolve_layout(layout, group, mesh)
     dim = dim % x.dim()
+    n = group_size(group)
     check(x.shape[dim] % lay.granule == 0, ShapeError,
           f"local length {x.shape[dim]} is not a multiple of {lay.granule} as layout {lay.name!r} needs")
-    return _unshard(x, dim, lay, group)
+    info = _info(lay, n, x.shape[dim] * n, cu_seqlens, seq_info, pad=False)
+    check(info.local_len == x.shape[dim], ShapeError,
+          f"local length {x.shape[dim]} does not match the {info.local_len} tokens per rank of {info}")
+    return info.unpad(x if n == 1 else _gather_padded(x, dim, info, group), dim)
 
 
-def position_ids(seq_len: int, *, layout: str | Layout = "zigzag", group=None, mesh=None,
+def position_ids(seq_len: int | None = None, *, layout: str | Layout = "zigzag", group=None, mesh=None,
+                 cu_seqlens=None, seq_info: SeqInfo | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """Global positions ``[S/N]`` of this rank's tokens (for RoPE). No communication."""
+    """Positions ``[S_padded/N]`` of this rank's tokens for RoPE; with packing they restart per document.
+
+    No communication.
+    """
     group = resolve_group(group, mesh)
-    lay = get_layout(layout)
+    lay = resolve_layout(layout, group, mesh)
     n = group_size(group)
-    lay.check(seq_len, n)
-    return lay.indices(seq_len, n, group_rank(group)).to(device)
+    info = _info(lay, n, seq_len, cu_seqlens, seq_info, pad=False)
+    return info.position_ids(group_rank(group)).to(device)

@@ -52,9 +52,14 @@ def run_invalid(call: str):
                 seqpar.attention(q, k, k, strategy="nope")
             elif call == "layout":
                 seqpar.attention(q, k, k, layout="spiral")
-            elif call == "heads":
-                seqpar.attention(torch.randn(1, 8, 6, 16), torch.randn(1, 8, 6, 16), torch.randn(1, 8, 6, 16),
-                                 strategy="ulysses")
+            elif call == "window":
+                seqpar.attention(q, k, k, window=(4, "x"))
+            elif call == "usp_group":
+                seqpar.attention(q, k, k, strategy="usp", group=seqpar.get_mesh().sp_group)
+            elif call == "cu_seqlens":
+                seqpar.attention(q, k, k, cu_seqlens=[0, 5, 40])
+            elif call == "cu_order":
+                seqpar.attention(q, k, k, cu_seqlens=[0, 20, 10])
             elif call == "gqa":
                 seqpar.attention(q, torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16))
             elif call == "dims":
@@ -68,3 +73,28 @@ def run_invalid(call: str):
         except seqpar.SeqParError as e:
             return {"type": type(e).__name__, "msg": str(e), "comm": dict(st.calls)}
     return {"type": None, "msg": "", "comm": dict(st.calls)}
+
+
+def run_sharded(strategy: str, layout: str, causal: bool, shape, *, cu_seqlens=None, window=None, degrees=None,
+                seed: int = 0, dtype: str = "float32", pad: bool = False):
+    """Full inputs -> seqpar.shard -> attention -> seqpar.unshard; full output and input gradients.
+
+    ``shard``'s backward gathers, so every rank ends with the whole gradient.
+    """
+    m = mesh(**(degrees or {}))
+    q, k, v, do = (t.to(DTYPES[dtype]) for t in qkv(shape, seed))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    info = None
+    with seqpar.stats.track() as st:
+        if pad:
+            (ql, info), kl, vl = (seqpar.shard(q, 1, layout=layout, return_info=True),
+                                  *(seqpar.shard(t, 1, layout=layout, return_info=True)[0] for t in (k, v)))
+        else:
+            ql, kl, vl = (seqpar.shard(t, 1, layout=layout, cu_seqlens=cu_seqlens) for t in (q, k, v))
+        out = seqpar.attention(ql, kl, vl, causal=causal, strategy=strategy, layout=layout, mesh=m,
+                               cu_seqlens=cu_seqlens, seq_info=info, window=window)
+        pairs = st.pairs
+    full = seqpar.unshard(out, 1, layout=layout, cu_seqlens=cu_seqlens, seq_info=info)
+    full.backward(do / m.sp)  # unshard's backward sums the ranks' (identical) gradients
+    return {"out": full.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "pairs": pairs,
+            "padding": None if info is None else info.doc_padding, "local": ql.shape[1]}

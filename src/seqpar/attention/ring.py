@@ -22,7 +22,6 @@ import torch
 
 from ..comm import RingExchange, _all_gather, _reduce_scatter
 from ..kernels import attention_backward, attention_forward, merge_into
-from ..layout import Layout
 from ..mesh import group_rank, group_size
 
 __all__ = ["ring_attention", "allgather_attention"]
@@ -35,7 +34,7 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 def _forward_block(q, kv, tasks, acc_out, acc_lse, scale, backend) -> None:
     for t in tasks:
         o, l = attention_forward(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], causal=t.causal,
-                                 causal_offset=t.offset, scale=scale, backend=backend)
+                                 causal_offset=t.offset, scale=scale, backend=backend, bias=t.bias)
         merge_into(acc_out[:, t.q], acc_lse[:, :, t.q], o, l)
 
 
@@ -43,7 +42,7 @@ def _backward_block(dout, q, kv, out, lse, tasks, dq, dkv, scale, backend) -> No
     for t in tasks:
         attention_backward(dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q],
                            causal=t.causal, causal_offset=t.offset, scale=scale, backend=backend,
-                           grads=(dq[:, t.q], dkv[0][:, t.k], dkv[1][:, t.k]))
+                           grads=(dq[:, t.q], dkv[0][:, t.k], dkv[1][:, t.k]), bias=t.bias)
 
 
 def _empty_acc(q: torch.Tensor):
@@ -55,54 +54,54 @@ def _empty_acc(q: torch.Tensor):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout: Layout, group, backend, mode):
-        n, r, local = group_size(group), group_rank(group), q.shape[1]
+    def forward(ctx, q, k, v, plan, scale, group, backend, mode):
+        r = group_rank(group)
         acc_out, acc_lse = _empty_acc(q)
         for src, kv in RingExchange(group, mode).rotate(torch.stack([k, v])):
-            _forward_block(q, kv, layout.ring_tasks(n, r, src, local, causal), acc_out, acc_lse, scale, backend)
+            _forward_block(q, kv, plan.tasks(r, src), acc_out, acc_lse, scale, backend)
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
-        ctx.args = (causal, scale, layout, group, backend, mode)
+        ctx.args = (plan, scale, group, backend, mode)
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, backend, mode = ctx.args
-        n, r, local = group_size(group), group_rank(group), q.shape[1]
+        plan, scale, group, backend, mode = ctx.args
+        r = group_rank(group)
         ring = RingExchange(group, mode)
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
         carry = ring.carry()  # dK/dV of each block travel with it and arrive home after N hops
         for src, kv in ring.rotate(torch.stack([k, v])):
             dkv = torch.zeros(kv.shape, dtype=_acc(q), device=q.device)
-            _backward_block(dout, q, kv, out, lse, layout.ring_tasks(n, r, src, local, causal), dq, dkv,
+            _backward_block(dout, q, kv, out, lse, plan.tasks(r, src), dq, dkv,
                             scale, backend)
             carry.add(dkv)
         dkv = carry.total()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout: Layout, group, backend):
+    def forward(ctx, q, k, v, plan, scale, group, backend):
         n, r, local = group_size(group), group_rank(group), q.shape[1]
         kv_all = _all_gather(torch.stack([k, v]), 2, group)  # [2, B, N*S/N, Hkv, D], rank-major
         acc_out, acc_lse = _empty_acc(q)
         for src in range(n):
             kv = kv_all[:, :, src * local:(src + 1) * local]
-            _forward_block(q, kv, layout.ring_tasks(n, r, src, local, causal), acc_out, acc_lse, scale, backend)
+            _forward_block(q, kv, plan.tasks(r, src), acc_out, acc_lse, scale, backend)
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
-        ctx.args = (causal, scale, layout, group, backend)
+        ctx.args = (plan, scale, group, backend)
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, backend = ctx.args
+        plan, scale, group, backend = ctx.args
         n, r, local = group_size(group), group_rank(group), q.shape[1]
         dout = dout.contiguous()
         kv_all = _all_gather(torch.stack([k, v]), 2, group)
@@ -110,26 +109,25 @@ class _AllGatherAttention(torch.autograd.Function):
         dkv_all = torch.zeros(kv_all.shape, dtype=_acc(q), device=q.device)
         for src in range(n):
             blk = slice(src * local, (src + 1) * local)
-            _backward_block(dout, q, kv_all[:, :, blk], out, lse, layout.ring_tasks(n, r, src, local, causal),
+            _backward_block(dout, q, kv_all[:, :, blk], out, lse, plan.tasks(r, src),
                             dq, dkv_all[:, :, blk], scale, backend)
         dkv = _reduce_scatter(dkv_all, 2, group)  # float32 so the sum over ranks loses nothing
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q, k, v, *, causal: bool, scale: float, layout: Layout, group, backend: str = "auto",
-                   mode: str = "auto"):
+def ring_attention(q, k, v, *, plan, scale: float, group, backend: str = "auto", mode: str = "auto"):
     """Ring attention on validated shards: q ``[B, S/N, H, D]``, k/v ``[B, S/N, Hkv, D]`` -> (out, lse).
 
     Communication per rank: forward N-1 ring transfers of K/V (2*B*S/N*Hkv*D
     elements each); backward N-1 of K/V plus N of the float32 dK/dV accumulator.
     """
-    return _RingAttention.apply(q, k, v, causal, scale, layout, group, backend, mode)
+    return _RingAttention.apply(q, k, v, plan, scale, group, backend, mode)
 
 
-def allgather_attention(q, k, v, *, causal: bool, scale: float, layout: Layout, group, backend: str = "auto"):
+def allgather_attention(q, k, v, *, plan, scale: float, group, backend: str = "auto"):
     """All-gather attention on validated shards -> (out, lse).
 
     Communication per rank: forward one all-gather of K/V; backward one
     all-gather of K/V and one float32 reduce-scatter of dK/dV.
     """
-    return _AllGatherAttention.apply(q, k, v, causal, scale, layout, group, backend)
+    return _AllGatherAttention.apply(q, k, v, plan, scale, group, backend)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..comm import RingExchange
-from ..layout import Layout
+from ..masks import TokenMeta, _visible
 from ..mesh import group_rank, group_size
 
 __all__ = ["ring_qk_av_attention"]
@@ -34,16 +34,14 @@ def _fold(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return g if h == kv_heads else g.view(b, s, kv_heads, h // kv_heads, d).sum(3)
 
 
-def _block_mask(layout: Layout, n: int, r: int, src: int, local: int, device) -> torch.Tensor:
-    """True where query (this rank) may NOT see key (rank src), by global positions."""
-    qpos = layout.indices(local * n, n, r).to(device)
-    kpos = layout.indices(local * n, n, src).to(device)
-    return kpos.unsqueeze(0) > qpos.unsqueeze(1)
+def _hidden(metas: list[TokenMeta], r: int, src: int, causal: bool, window, device) -> torch.Tensor:
+    """True where a query of this rank may NOT see a key of rank ``src`` (from token metadata)."""
+    return ~_visible(metas[r], metas[src], causal, window).to(device)
 
 
 class _RingQKAV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout: Layout, group, mode):
+    def forward(ctx, q, k, v, metas, causal, window, scale, group, mode):
         n, r = group_size(group), group_rank(group)
         b, local, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -52,11 +50,12 @@ class _RingQKAV(torch.autograd.Function):
         scores = q.new_empty((b, h, local, n * local), dtype=acc)
         for src, kb in ring.rotate(k):  # RingQK
             s = torch.einsum("bihd,bjhd->bhij", qa, _rep(kb, h).to(acc)) * scale
-            if causal:
-                s = s.masked_fill(_block_mask(layout, n, r, src, local, q.device), float("-inf"))
+            if metas is not None:
+                s = s.masked_fill(_hidden(metas, r, src, causal, window, q.device), float("-inf"))
             scores[..., src * local:(src + 1) * local] = s
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        # padding rows see nothing: lse -inf, probabilities 0 (not NaN)
+        probs = torch.exp(scores - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
         del scores
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         for src, vb in ring.rotate(v):  # RingAV
@@ -91,14 +90,15 @@ class _RingQKAV(torch.autograd.Function):
             dq += torch.einsum("bhij,bjhd->bihd", blk, _rep(kb, h).to(acc))
             carry.add(_fold(torch.einsum("bhij,bihd->bjhd", blk, qa), hkv).contiguous())
         dk = carry.total()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
-def ring_qk_av_attention(q, k, v, *, causal: bool, scale: float, layout: Layout, group, mode: str = "auto"):
+def ring_qk_av_attention(q, k, v, *, metas, causal: bool, window, scale: float, group, mode: str = "auto"):
     """RingQK + RingAV on validated shards -> (out ``[B, S/N, H, D]``, lse ``[B, H, S/N]``).
 
     Communication per rank: forward 2(N-1) ring transfers (K, then V); backward
     2(N-1) of V and K plus 2N of the float32 dV and dK accumulators.
     Memory: the ``[B, H, S/N, S]`` probabilities are kept for backward.
+    ``metas[r]``: the tokens rank r holds (None: no mask at all).
     """
-    return _RingQKAV.apply(q, k, v, causal, scale, layout, group, mode)
+    return _RingQKAV.apply(q, k, v, metas, causal, window, scale, group, mode)

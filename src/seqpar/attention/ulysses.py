@@ -1,79 +1,91 @@
-"""Ulysses (DeepSpeed) attention: trade the sequence split for a head split around local attention.
+"""Ulysses (DeepSpeed) head exchange: trade the sequence split for a head split around attention.
 
-One all-to-all carries q, k and v together (``[B, S/N, H, D] -> [B, S, H/N, D]``),
-each rank attends its heads over the whole sequence, and one all-to-all brings
-the output back.  Autograd flows through the differentiable all-to-alls and
-:func:`seqpar.kernels.attention_with_lse`.
+One all-to-all carries q, k and v together (``[B, S/U, H, D] -> [B, S, H/U, D]``),
+attention runs on whole sequences of this rank's heads, and one all-to-all
+brings the output back.  Used alone (``strategy="ulysses"``) and as the inner
+stage of the 2-D ``usp`` strategy.  Autograd flows through the differentiable
+all-to-alls.
 
-GQA: kv heads are split over the ranks when ``Hkv % N == 0``; when ``Hkv < N``
-and ``N % Hkv == 0`` each kv head is repeated ``N / Hkv`` times before the
-all-to-all so every rank receives exactly the one kv head its query heads use
-(gradients of the copies are summed by autograd through the repeat).
+Heads and the degree U:
+
+* kv heads split over the ranks when ``Hkv % U == 0``; when ``U % Hkv == 0`` each
+  kv head is repeated ``U / Hkv`` times before the exchange so each rank gets the
+  one kv head its query heads use (autograd sums the copies' gradients);
+* otherwise (and whenever ``H % U != 0``) K/V are expanded to the query heads
+  and heads are padded with zeros to a multiple of U; the padded heads' outputs
+  are dropped, so their gradients never reach anything.  This costs
+  (padded - H)/H more all-to-all traffic and compute, and GQA K/V travel at the
+  query-head count: prefer a degree that divides the heads.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .. import comm
-from ..errors import ShapeError, check
-from ..kernels import attention_with_lse
-from ..layout import Layout
 from ..mesh import group_size
 
-__all__ = ["ulysses_attention", "check_ulysses_heads"]
+__all__ = ["HeadExchange"]
 
 
-def check_ulysses_heads(heads: int, kv_heads: int, degree: int) -> None:
-    """Raise a ShapeError naming the way out when heads cannot be split over ``degree`` ranks."""
-    if degree == 1:
-        return
-    if heads % degree:
-        alt = max(d for d in range(1, degree + 1) if degree % d == 0 and heads % d == 0)
-        raise ShapeError(
-            f"heads={heads} not divisible by ulysses degree {degree}: use strategy='usp' with ulysses={alt} "
-            f"(ring over the remaining {degree // alt}), or strategy='ring'")
-    check(kv_heads % degree == 0 or degree % kv_heads == 0, ShapeError,
-          f"kv heads={kv_heads} neither divisible by nor dividing ulysses degree {degree}: "
-          f"use strategy='usp' or strategy='ring'")
+@dataclass
+class HeadExchange:
+    """Sequence <-> head all-to-all over ``group`` for ``heads`` query and ``kv_heads`` kv heads."""
 
+    group: object
+    heads: int
+    kv_heads: int
 
-def _global_order(x: torch.Tensor, layout: Layout, n: int, inverse: bool) -> torch.Tensor:
-    """Reorder dim 1 between the rank-major gathered order and global order (identity for contiguous)."""
-    if layout.name == "contiguous" or n == 1:
-        return x
-    perm = layout.permutation(x.shape[1], n).to(x.device)
-    idx = perm if inverse else torch.argsort(perm)
-    return x.index_select(1, idx)
+    def __post_init__(self):
+        u = self.degree = group_size(self.group)
+        h, hkv = self.heads, self.kv_heads
+        if h % u == 0 and hkv % u == 0:
+            self.kv_rep, self.padded = 1, h
+        elif h % u == 0 and u % hkv == 0:
+            self.kv_rep, self.padded = u // hkv, h
+        else:
+            self.kv_rep, self.padded = h // hkv, -(-h // u) * u
 
+    @property
+    def local_heads(self) -> int:
+        return self.padded // self.degree
 
-def ulysses_attention(q, k, v, *, causal: bool, scale: float, layout: Layout, group, backend: str = "auto",
-                      need_lse: bool = False):
-    """Ulysses attention on validated shards -> (out ``[B, S/N, H, D]``, lse ``[B, H, S/N]`` or None).
+    def _pad(self, x: torch.Tensor, to: int) -> torch.Tensor:
+        if x.shape[2] == to:
+            return x
+        return torch.cat([x, x.new_zeros(x.shape[:2] + (to - x.shape[2],) + x.shape[3:])], dim=2)
 
-    Communication per rank: forward one all-to-all of q, k, v together and one
-    of the output (plus one of the lse when ``need_lse``); backward the two
-    inverse all-to-alls.
-    """
-    n = group_size(group)
-    b, local, h, d = q.shape
-    hkv = k.shape[2]
-    if n > 1 and hkv < n:
-        k, v = k.repeat_interleave(n // hkv, dim=2), v.repeat_interleave(n // hkv, dim=2)
-        hkv = n
-    # pack q, k, v so that chunk i of the head dim holds rank i's q, k and v heads: one all-to-all for all three
-    packed = torch.cat([q.view(b, local, n, h // n, d), k.view(b, local, n, hkv // n, d),
-                        v.view(b, local, n, hkv // n, d)], dim=3).flatten(2, 3)
-    packed = comm.all_to_all(packed, scatter_dim=2, gather_dim=1, group=group)  # [B, S, (H + 2Hkv)/N, D]
-    if causal:  # only a causal mask cares about token order
-        packed = _global_order(packed, layout, n, inverse=False)
-    ql, kl, vl = packed.split([h // n, hkv // n, hkv // n], dim=2)
-    out, lse = attention_with_lse(ql, kl, vl, causal=causal, scale=scale, backend=backend)
-    if causal:
-        out = _global_order(out, layout, n, inverse=True)
-    out = comm.all_to_all(out, scatter_dim=1, gather_dim=2, group=group)
-    if not need_lse:
-        return out, None
-    lse = lse.transpose(1, 2)  # [B, S, H/N]
-    if causal:
-        lse = _global_order(lse, layout, n, inverse=True)
-    return out, comm.all_to_all(lse.contiguous(), scatter_dim=1, gather_dim=2, group=group).transpose(1, 2)
+    def scatter_heads(self, q, k, v):
+        """``[B, S/U, H, D]`` shards -> ``[B, S, H'/U, D]`` head shards (S in rank-major gathered order).
+
+        One all-to-all for q, k and v together.
+        """
+        u = self.degree
+        if u == 1:
+            return q, k, v
+        if self.kv_rep > 1:
+            k, v = k.repeat_interleave(self.kv_rep, dim=2), v.repeat_interleave(self.kv_rep, dim=2)
+        if self.padded != self.heads:
+            q, k, v = (self._pad(t, self.padded) for t in (q, k, v))
+        b, local, _, d = q.shape
+        hq, hk = q.shape[2] // u, k.shape[2] // u
+        # chunk i of the head dim holds rank i's q, k and v heads: one all-to-all carries all three
+        packed = torch.cat([q.view(b, local, u, hq, d), k.view(b, local, u, hk, d), v.view(b, local, u, hk, d)],
+                           dim=3).flatten(2, 3)
+        packed = comm.all_to_all(packed, scatter_dim=2, gather_dim=1, group=self.group)
+        return packed.split([hq, hk, hk], dim=2)
+
+    def gather_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """``[B, S, H'/U, D]`` -> ``[B, S/U, H, D]``: one all-to-all, padding heads dropped."""
+        if self.degree == 1:
+            return out
+        out = comm.all_to_all(out, scatter_dim=1, gather_dim=2, group=self.group)
+        return out[:, :, :self.heads] if self.padded != self.heads else out
+
+    def gather_lse(self, lse: torch.Tensor) -> torch.Tensor:
+        """``[B, H'/U, S]`` -> ``[B, H, S/U]``: one all-to-all."""
+        if self.degree == 1:
+            return lse
+        lse = comm.all_to_all(lse.contiguous(), scatter_dim=2, gather_dim=1, group=self.group)
+        return lse[:, :self.heads]

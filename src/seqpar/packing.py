@@ -1,0 +1,145 @@
+"""Packed variable-length sequences and padding, laid out over a sequence-parallel group.
+
+``cu_seqlens`` follows flash-attn's varlen convention: cumulative document
+lengths over the packed global sequence, ``[0, len_0, len_0 + len_1, ..., S]``.
+Each document is laid out over the N ranks *on its own* (zigzag per document),
+so every rank gets an equal share of every document and causal work stays
+balanced whatever the mix of lengths.  A document whose length the layout
+cannot split (zigzag needs a multiple of 2N) is padded at its end; padding
+tokens have document id -1: they attend nothing and nothing attends them, and
+their outputs and gradients are zero.  A plain sequence of any length is the
+one-document case (``cu_seqlens=[0, S]``).  :class:`SeqInfo` says where the
+padding went; nothing is ever silently truncated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from .errors import ShapeError, check
+from .masks import TokenMeta
+
+__all__ = ["SeqInfo", "seq_info"]
+
+
+@dataclass(frozen=True, eq=False)
+class SeqInfo:
+    """How a (packed, possibly padded) global sequence is spread over ``n`` ranks in ``layout``."""
+
+    layout: object  # seqpar.layout.Layout
+    n: int
+    cu_seqlens: tuple[int, ...]
+    padded_cu_seqlens: tuple[int, ...]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens before padding."""
+        return self.cu_seqlens[-1]
+
+    @property
+    def padded_len(self) -> int:
+        return self.padded_cu_seqlens[-1]
+
+    @property
+    def padding(self) -> int:
+        """Padding tokens added in all (0 when every document already splits evenly)."""
+        return self.padded_len - self.seq_len
+
+    @property
+    def local_len(self) -> int:
+        """Tokens per rank, padding included."""
+        return self.padded_len // self.n
+
+    @property
+    def doc_padding(self) -> list[int]:
+        """Padding added at the end of each document."""
+        return [(pe - ps) - (e - s) for s, e, ps, pe in zip(self.cu_seqlens, self.cu_seqlens[1:],
+                                                           self.padded_cu_seqlens, self.padded_cu_seqlens[1:])]
+
+    def indices(self, rank: int) -> torch.Tensor:
+        """Positions in the *padded* global sequence held by ``rank``, in local order."""
+        return self._indices[rank]
+
+    @cached_property
+    def _indices(self) -> list[torch.Tensor]:
+        starts, ends = self.padded_cu_seqlens[:-1], self.padded_cu_seqlens[1:]
+        return [torch.cat([s + self.layout.indices(e - s, self.n, r) for s, e in zip(starts, ends)])
+                for r in range(self.n)]
+
+    @cached_property
+    def _padded_meta(self) -> TokenMeta:
+        pos = torch.empty(self.padded_len, dtype=torch.long)
+        doc = torch.empty(self.padded_len, dtype=torch.long)
+        for d, (s, e, ps, pe) in enumerate(zip(self.cu_seqlens, self.cu_seqlens[1:],
+                                               self.padded_cu_seqlens, self.padded_cu_seqlens[1:])):
+            pos[ps:pe] = torch.arange(pe - ps)
+            doc[ps:pe] = d
+            doc[ps + (e - s):pe] = -1
+        return TokenMeta(pos, doc)
+
+    def meta(self, rank: int) -> TokenMeta:
+        """Per-token position within its document and document id (-1 = padding) of ``rank``'s tokens."""
+        idx = self.indices(rank)
+        return TokenMeta(self._padded_meta.pos[idx], self._padded_meta.doc[idx])
+
+    def position_ids(self, rank: int) -> torch.Tensor:
+        """RoPE positions of ``rank``'s tokens: restarting at 0 in every document."""
+        return self.meta(rank).pos
+
+    @cached_property
+    def source_index(self) -> torch.Tensor:
+        """For each padded position, its index in the unpadded sequence, or -1 for padding."""
+        src = torch.full((self.padded_len,), -1, dtype=torch.long)
+        for s, e, ps in zip(self.cu_seqlens, self.cu_seqlens[1:], self.padded_cu_seqlens):
+            src[ps:ps + (e - s)] = torch.arange(s, e)
+        return src
+
+    def pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Insert zeros after each document: ``[.., S, ..] -> [.., S_padded, ..]`` (differentiable)."""
+        if self.padding == 0:
+            return x
+        src = self.source_index
+        keep = src >= 0
+        shape = list(x.shape)
+        shape[dim] = self.padded_len
+        out = x.new_zeros(shape)
+        return out.index_copy(dim, torch.nonzero(keep).flatten().to(x.device), x)
+
+    def unpad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Drop the padding: ``[.., S_padded, ..] -> [.., S, ..]`` (differentiable)."""
+        if self.padding == 0:
+            return x
+        return x.index_select(dim, torch.nonzero(self.source_index >= 0).flatten().to(x.device))
+
+    def __repr__(self) -> str:
+        return (f"SeqInfo(layout={self.layout.name}, n={self.n}, docs={len(self.cu_seqlens) - 1}, "
+                f"seq_len={self.seq_len}, padded_len={self.padded_len}, padding={self.doc_padding})")
+
+
+def _as_tuple(cu_seqlens) -> tuple[int, ...]:
+    if isinstance(cu_seqlens, torch.Tensor):
+        check(cu_seqlens.dim() == 1, ShapeError, f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.tolist()
+    cu = tuple(int(c) for c in cu_seqlens)
+    check(len(cu) >= 2 and cu[0] == 0, ShapeError,
+          f"cu_seqlens must start at 0 and hold at least one document, got {list(cu)[:8]}")
+    check(all(b > a for a, b in zip(cu, cu[1:])), ShapeError,
+          f"cu_seqlens must be strictly increasing (every document non-empty), got {list(cu)[:16]}")
+    return cu
+
+
+def seq_info(layout, n: int, *, cu_seqlens=None, seq_len: int | None = None) -> SeqInfo:
+    """Layout of a packed sequence (``cu_seqlens``) or a plain one of any length (``seq_len``) over ``n`` ranks.
+
+    Every document is padded to a multiple of ``n * layout.granule`` tokens.
+    No communication.
+    """
+    check((cu_seqlens is None) != (seq_len is None), ShapeError, "give exactly one of cu_seqlens and seq_len")
+    cu = _as_tuple(cu_seqlens if cu_seqlens is not None else [0, seq_len])
+    unit = n * layout.granule
+    padded = [0]
+    for a, b in zip(cu, cu[1:]):
+        padded.append(padded[-1] + -(-(b - a) // unit) * unit)
+    return SeqInfo(layout, n, cu, tuple(padded))

@@ -29,6 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from seqpar.stats import saved_activations
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STRATEGIES = ["ring", "ulysses", "allgather", "ring_qk_av"]
 
@@ -42,28 +44,6 @@ def _inputs(b, s, h, hkv, d, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
     return [torch.randn(*sh, generator=g).to(device=device, dtype=dtype) for sh in shapes]
-
-
-class SavedBytes:
-    """Bytes of distinct storages autograd saves for backward inside the block (activation memory)."""
-
-    def __init__(self):
-        self.bytes, self._seen = 0, set()
-
-    def _pack(self, t):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in self._seen:
-            self._seen.add(key)
-            self.bytes += t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 def _time(fn, device, reps):
@@ -105,7 +85,7 @@ def bench_rank(cfg: dict):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = _time(step, device, cfg["reps"])
-        with SavedBytes() as saved:
+        with saved_activations() as saved:
             o = seqpar.attention(ql, kl, vl, causal=cfg["causal"], strategy=strategy, layout=cfg["layout"])
         del o
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
@@ -119,7 +99,7 @@ def bench_rank(cfg: dict):
             o.backward(do.transpose(1, 2))
 
         out["single"] = {"time": _time(single, device, cfg["reps"])}
-        with SavedBytes() as saved:
+        with saved_activations() as saved:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=cfg["causal"], enable_gqa=True)
         out["single"]["saved"] = saved.bytes
     dist.barrier()

@@ -202,7 +202,7 @@ def _info(lay: Layout, n: int, seq_len: int | None, cu_seqlens, info: SeqInfo | 
 
 
 def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None,
-          cu_seqlens=None, return_info: bool = False):
+          cu_seqlens=None, return_info: bool = False, pad_value: float = 0):
     """This rank's part of a full (replicated) tensor along ``dim``: ``[.., S, ..] -> [.., S_padded/N, ..]``.
 
     With ``cu_seqlens`` (packed documents) every document is laid out over the
@@ -211,8 +211,8 @@ def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", gro
     ``return_info=True`` (otherwise a ShapeError says so): then
     ``(shard, SeqInfo)`` is returned and the :class:`~seqpar.packing.SeqInfo`
     (padding per document, positions) must be passed to
-    :func:`seqpar.attention` as ``seq_info`` so padding is masked.
-    No communication forward; backward all-gathers the gradient (the dual, as
+    :func:`seqpar.attention` as ``seq_info`` so padding is masked.  Padding
+    holds ``pad_value`` (use -100 for labels).  No communication forward; backward all-gathers the gradient (the dual, as
     in Megatron's scatter to the sequence-parallel region).
     """
     group = resolve_group(group, mesh)
@@ -222,7 +222,7 @@ def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", gro
     info = _info(lay, n, x.shape[dim], cu_seqlens, None, pad=return_info)
     check(info.seq_len == x.shape[dim], ShapeError,
           f"cu_seqlens covers {info.seq_len} tokens but dim {dim} of x has {x.shape[dim]}")
-    out = x if n == 1 and info.padding == 0 else _Shard.apply(info.pad(x, dim), dim, info, group)
+    out = x if n == 1 and info.padding == 0 else _Shard.apply(info.pad(x, dim, pad_value), dim, info, group)
     return (out, info) if return_info else out
 
 

@@ -79,6 +79,12 @@ class Mesh:
         """Group over which gradients of parameters replicated across dp and sp are averaged."""
         return self.group("dp_sp")
 
+    @property
+    def dp_sp_mesh(self):
+        """1-D DeviceMesh over dp x sp: hand it to FSDP2's ``fully_shard`` (ZeRO-3 over dp and sp, as
+        DeepSpeed-Ulysses does), None without a process group."""
+        return None if self.device_mesh is None else self.device_mesh["dp_sp"]
+
     def rank(self, name: str) -> int:
         """This process's rank inside group ``name``."""
         return group_rank(self.group(name))

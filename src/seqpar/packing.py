@@ -96,15 +96,18 @@ class SeqInfo:
             src[ps:ps + (e - s)] = torch.arange(s, e)
         return src
 
-    def pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Insert zeros after each document: ``[.., S, ..] -> [.., S_padded, ..]`` (differentiable)."""
+    def pad(self, x: torch.Tensor, dim: int, value: float = 0) -> torch.Tensor:
+        """Insert ``value`` after each document: ``[.., S, ..] -> [.., S_padded, ..]`` (differentiable).
+
+        Pad labels with -100 so padding never counts in a loss.
+        """
         if self.padding == 0:
             return x
         src = self.source_index
         keep = src >= 0
         shape = list(x.shape)
         shape[dim] = self.padded_len
-        out = x.new_zeros(shape)
+        out = x.new_full(shape, value)
         return out.index_copy(dim, torch.nonzero(keep).flatten().to(x.device), x)
 
     def unpad(self, x: torch.Tensor, dim: int) -> torch.Tensor:

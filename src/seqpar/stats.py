@@ -12,7 +12,7 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["Stats", "track", "record_comm", "record_work"]
+__all__ = ["Stats", "track", "record_comm", "record_work", "saved_activations"]
 
 
 @dataclass
@@ -47,3 +47,33 @@ def record_work(pairs: int) -> None:
     for st in _ACTIVE:
         st.pairs += int(pairs)
         st.kernel_calls += 1
+
+
+class saved_activations:
+    """Count the bytes autograd saves for backward inside the block (activation memory).
+
+    ``with saved_activations(exclude=model.parameters()) as s: y = layer(x)`` then
+    ``s.bytes``.  Each storage is counted once, however many views of it are saved;
+    storages of ``exclude`` (weights, which linears save too) are not activations.
+    """
+
+    def __init__(self, exclude=()):
+        self.bytes = 0
+        self._seen = {(t.untyped_storage().data_ptr(), t.device) for t in exclude}
+
+    def _pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        import torch
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

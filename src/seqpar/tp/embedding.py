@@ -1,0 +1,101 @@
+"""Vocabulary-parallel embedding: the ``[V, h]`` table split by rows over the tensor-parallel ranks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ShapeError, check
+from ..mesh import Mesh
+from . import mappings as mp
+from ._base import TPModule, divisible, load_full, set_full, should_init, skip_init
+
+__all__ = ["VocabParallelEmbedding"]
+
+
+class VocabParallelEmbedding(TPModule):
+    """``nn.Embedding`` with rank r holding rows ``[r*V/t, (r+1)*V/t)`` of the table.
+
+    Input: token ids ``[B, S]`` (the same on every tp rank).  Each rank looks up the
+    ids it owns, writes zeros for the others, and the partial rows are summed:
+
+    * ``sequence_parallel=False``: all-reduce -> ``[B, S, h]`` replicated.
+      Communication: all-reduce forward, none backward.
+    * ``sequence_parallel=True``: reduce-scatter along ``seq_dim`` -> ``[B, S/t, h]``, this
+      rank's sequence shard (S divisible by t), ready for sequence-parallel norms.
+      Communication: reduce-scatter forward, all-gather of the gradient backward.
+
+    ``num_embeddings`` must be divisible by t: pad the vocabulary (Megatron rounds it up to a
+    multiple of ``make_vocab_size_divisible_by * t``); the extra rows are never looked up.
+    Initialised like ``nn.Embedding`` (N(0, 1)) on the full table, then sharded.
+    Ids outside ``[0, V)`` raise on CPU tensors; on accelerators they are not checked
+    (that would synchronise with the host) and give zero rows.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, mesh: Mesh | None = None,
+                 sequence_parallel: bool = False, seq_dim: int = 1, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(mesh)
+        divisible(embedding_dim, 1, "embedding_dim", "")
+        self.per_rank = divisible(num_embeddings, self.tp_size, "VocabParallelEmbedding num_embeddings",
+                                  f"pad the vocabulary to a multiple of {self.tp_size} (e.g. "
+                                  f"{-(-num_embeddings // self.tp_size) * self.tp_size}); padded rows are never used")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.vocab_start = self.tp_rank * self.per_rank
+        self.vocab_end = self.vocab_start + self.per_rank
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=dtype, device=device))
+        self.weight.tensor_parallel, self.weight.partition_dim = True, 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Embedding's N(0, 1) init of the full table, sharded."""
+        if not should_init(self.weight):
+            return
+        full = torch.empty(self.num_embeddings, self.embedding_dim, dtype=self.weight.dtype, device=self.weight.device)
+        nn.init.normal_(full)
+        load_full(self.weight, full, self.tp_size, self.tp_rank, 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check(not ids.is_floating_point() and not ids.is_complex(), ShapeError,
+              f"VocabParallelEmbedding takes integer token ids, got {ids.dtype}")
+        if ids.device.type == "cpu" and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            check(0 <= lo and hi < self.num_embeddings, ShapeError,
+                  f"token ids must lie in [0, {self.num_embeddings}), got range [{lo}, {hi}]")
+        if self.sequence_parallel and self.tp_size > 1:
+            check(-ids.dim() <= self.seq_dim < ids.dim(), ShapeError,
+                  f"sequence_parallel=True needs ids with a sequence dim {self.seq_dim}, got shape {tuple(ids.shape)}")
+            mp._seq_divisible(ids, self.seq_dim, self.tp_size, "VocabParallelEmbedding")
+        if self.tp_size > 1:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            out = F.embedding((ids - self.vocab_start).masked_fill(outside, 0), self.weight)
+            # rows this rank does not own contribute zero (and get zero gradient)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = F.embedding(ids, self.weight)
+        if self.sequence_parallel:
+            return mp.reduce_scatter_to_sequence_parallel_region(out, self.tp_group, self.seq_dim)
+        return mp.reduce_from_tensor_parallel_region(out, self.tp_group)
+
+    @classmethod
+    def from_full(cls, embedding: nn.Embedding, *, mesh: Mesh | None = None, sequence_parallel: bool = False,
+                  seq_dim: int = 1) -> "VocabParallelEmbedding":
+        """This rank's rows of a single-device ``nn.Embedding`` (no communication, no RNG use)."""
+        w = embedding.weight
+        with skip_init():
+            layer = cls(w.shape[0], w.shape[1], mesh=mesh, sequence_parallel=sequence_parallel, seq_dim=seq_dim,
+                        dtype=w.dtype, device=w.device)
+        load_full(layer.weight, w, layer.tp_size, layer.tp_rank, 0)
+        return layer
+
+    def to_full(self, *, grad: bool = False) -> nn.Embedding:
+        """The equivalent ``nn.Embedding`` (all-gather of the rows over tp; every tp rank must call)."""
+        w, gw = self._gather_param(self.weight, 0, grad)
+        emb = torch.nn.utils.skip_init(nn.Embedding, w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        set_full(emb.weight, w, gw)
+        return emb
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim} (rows [{self.vocab_start}, {self.vocab_end}) of "
+                f"tp={self.tp_size}), sequence_parallel={self.sequence_parallel}")

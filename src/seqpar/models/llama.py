@@ -1,0 +1,216 @@
+"""A Llama-style decoder built only from seqpar's parts, unchanged at every parallel degree.
+
+RMSNorm, RoPE on global position ids, GQA attention through :func:`seqpar.attention`
+(any strategy), SwiGLU MLP, tied or untied embeddings.  Parallelism comes from
+the mesh: ``tp`` splits heads and FFN columns (Megatron), ``sequence_parallel``
+keeps norms and residuals on ``[B, S/(sp*t), h]`` shards, ``sp`` splits the
+sequence for attention (ring / ulysses / usp / allgather), ``dp`` splits the batch.
+
+Token layout: the caller shards ``input_ids`` over the sp group with
+:func:`seqpar.shard` (``[B, S/sp]`` in ``layout`` order); with sequence
+parallelism the embedding's reduce-scatter cuts that shard contiguously over tp.
+
+Fused projections, arranged so a column split over tp gives each rank whole
+heads: ``qkv`` rows are ordered per kv group ``[q heads of the group, k, v]``
+(each rank gets Hkv/t groups), ``gate_up`` rows per tp rank ``[gate_r, up_r]``.
+:meth:`LlamaForCausalLM.load_full_state_dict` / :meth:`full_state_dict`
+convert from / to the single-device names (q_proj, k_proj, v_proj, gate, up...).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import comm
+from ..attention import attention
+from ..configs import ModelConfig, get_config
+from ..errors import ShapeError, check
+from ..layout import position_ids as layout_position_ids
+from ..mesh import Mesh
+from ..tp import ColumnParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding
+from ..tp.mappings import resolve_mesh
+
+__all__ = ["LlamaForCausalLM", "rope"]
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of ``x [B, S, H, D]`` at positions ``pos [S]`` (or ``[B, S]``), rotate-half form."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.to(device=x.device, dtype=torch.float32).unsqueeze(-1) * inv  # [.., S, D/2]
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().unsqueeze(-2), ang.sin().unsqueeze(-2)  # [.., S, 1, D]
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp_on: bool, strategy: str, layout: str, kw):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.group = self.h // self.hkv
+        self.mesh, self.strategy, self.layout, self.theta = mesh, strategy, layout, cfg.rope_theta or 10000.0
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=False, mesh=mesh,
+                                        sequence_parallel=sp_on, **kw)
+        self.o = RowParallelLinear(self.h * self.d, cfg.hidden_size, bias=False, mesh=mesh,
+                                   sequence_parallel=sp_on, **kw)
+
+    def forward(self, x, pos, attn_kwargs):
+        y = self.qkv(x)  # [B, S/sp, (Hkv/t) * (g + 2) * D]
+        b, s = y.shape[:2]
+        y = y.view(b, s, -1, self.group + 2, self.d)
+        q = y[..., :self.group, :].reshape(b, s, -1, self.d)
+        k, v = y[..., self.group, :], y[..., self.group + 1, :]
+        q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+        out = attention(q, k, v, causal=True, strategy=self.strategy, mesh=self.mesh, layout=self.layout,
+                        **attn_kwargs)
+        return self.o(out.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp_on: bool, kw):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False, mesh=mesh,
+                                            sequence_parallel=sp_on, **kw)
+        self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False, mesh=mesh,
+                                      sequence_parallel=sp_on, **kw)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, mesh, sp_on, strategy, layout, kw):
+        super().__init__()
+        eps = getattr(cfg, "norm_eps", None) or 1e-5
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=eps, sequence_parallel=sp_on, **kw)
+        self.attn = Attention(cfg, mesh, sp_on, strategy, layout, kw)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, sequence_parallel=sp_on, **kw)
+        self.mlp = MLP(cfg, mesh, sp_on, kw)
+
+    def forward(self, x, pos, attn_kwargs):
+        x = x + self.attn(self.attn_norm(x), pos, attn_kwargs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-style causal LM over whatever mesh it is given (world 1 included).
+
+    Args:
+        config: a :class:`~seqpar.configs.ModelConfig` or registered name (``"tiny"``, ``"llama3-8b"``...).
+        mesh: parallel layout; ``None`` means the default mesh (or one process).
+        strategy, layout: sequence-parallel attention (see :func:`seqpar.attention`).
+        sequence_parallel: Megatron SP on the tp group (norms/residuals on sequence shards).
+    """
+
+    def __init__(self, config: ModelConfig | str, *, mesh: Mesh | None = None, strategy: str = "ring",
+                 layout: str = "zigzag", sequence_parallel: bool = True, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        cfg = self.config = get_config(config)
+        mesh = self.mesh = resolve_mesh(mesh)
+        check(cfg.num_key_value_heads % mesh.tp == 0, ShapeError,
+              f"kv heads={cfg.num_key_value_heads} not divisible by tp={mesh.tp}: each tensor-parallel rank needs "
+              f"whole kv groups; use tp dividing {cfg.num_key_value_heads}")
+        self.sequence_parallel = sp_on = sequence_parallel and mesh.tp > 1
+        self.strategy, self.layout = strategy, layout
+        kw = {"dtype": dtype, "device": device}
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh=mesh, sequence_parallel=sp_on, **kw)
+        self.layers = nn.ModuleList(Block(cfg, mesh, sp_on, strategy, layout, kw) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=1e-5, sequence_parallel=sp_on, **kw)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=False, mesh=mesh,
+                                            sequence_parallel=sp_on, **kw)
+        if cfg.tied_embeddings:
+            self.lm_head.weight = self.embed.weight  # both are this rank's [V/t, h] rows
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                cu_seqlens=None, seq_info=None, window=None) -> torch.Tensor:
+        """Logits of this rank's tokens.
+
+        Args:
+            input_ids: ``[B, S/sp]`` this rank's tokens in the model's layout (from :func:`seqpar.shard`).
+            position_ids: ``[S/sp]`` positions for RoPE; default from the layout (restarting per
+                document with ``cu_seqlens`` / ``seq_info``).
+        Returns:
+            ``[B, S/sp, V/t]`` logits, vocabulary split over tp (feed them to
+            :func:`seqpar.tp.vocab_parallel_cross_entropy` or :func:`seqpar.training.causal_lm_loss`).
+        Communication: per layer, attention's (see the strategy) and, with tp, Megatron's
+        all-gather / reduce-scatter (SP) or all-reduce pairs.
+        """
+        check(input_ids.dim() == 2, ShapeError, f"input_ids must be [batch, local_seq], got {tuple(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = layout_position_ids(input_ids.shape[1] * self.mesh.sp if cu_seqlens is None and
+                                               seq_info is None else None, layout=self.layout, mesh=self.mesh,
+                                               cu_seqlens=cu_seqlens, seq_info=seq_info, device=input_ids.device)
+        attn_kwargs = {"cu_seqlens": cu_seqlens, "seq_info": seq_info, "window": window}
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, position_ids, attn_kwargs)
+        return self.lm_head(self.norm(x))
+
+    # ----------------------------------------------------------------- single-device state
+
+    def _fused_rows(self):
+        """Row orders of the fused qkv and gate_up weights for this tp degree."""
+        cfg, t = self.config, self.mesh.tp
+        h, hkv, d, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.ffn_hidden_size
+        return h, hkv, d, f, t
+
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load single-device weights (names of :meth:`full_state_dict`), keeping this rank's shards."""
+        h, hkv, d, f, t = self._fused_rows()
+        g = h // hkv
+        tp_r = self.mesh.rank("tp")
+
+        def put(param, full, dim):
+            with torch.no_grad():
+                param.copy_(full if dim is None else full.chunk(t, dim)[tp_r])
+
+        put(self.embed.weight, sd["embed.weight"], 0)
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            q = sd[p + "q_proj.weight"].view(hkv, g * d, -1)
+            k, v = sd[p + "k_proj.weight"].view(hkv, d, -1), sd[p + "v_proj.weight"].view(hkv, d, -1)
+            put(layer.attn.qkv.weight, torch.cat([q, k, v], dim=1).flatten(0, 1), 0)
+            put(layer.attn.o.weight, sd[p + "o_proj.weight"], 1)
+            gate, up = sd[p + "gate.weight"].view(t, f // t, -1), sd[p + "up.weight"].view(t, f // t, -1)
+            put(layer.mlp.gate_up.weight, torch.cat([gate, up], dim=1).flatten(0, 1), 0)
+            put(layer.mlp.down.weight, sd[p + "down.weight"], 1)
+            put(layer.attn_norm.weight, sd[p + "attn_norm.weight"], None)
+            put(layer.mlp_norm.weight, sd[p + "mlp_norm.weight"], None)
+        put(self.norm.weight, sd["norm.weight"], None)
+        if not self.config.tied_embeddings:
+            put(self.lm_head.weight, sd["lm_head.weight"], 0)
+
+    def full_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Single-device weights (or their gradients) gathered over tp. A collective over the tp group."""
+        h, hkv, d, f, t = self._fused_rows()
+        g = h // hkv
+        group = self.mesh.tp_group
+
+        def get(param, dim):
+            x = param.grad if grads else param
+            x = x.detach()
+            return x.clone() if dim is None else comm._all_gather(x, dim, group)
+
+        sd = {"embed.weight": get(self.embed.weight, 0)}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            qkv = get(layer.attn.qkv.weight, 0).view(hkv, (g + 2) * d, -1)
+            sd[p + "q_proj.weight"] = qkv[:, :g * d].reshape(h * d, -1)
+            sd[p + "k_proj.weight"] = qkv[:, g * d:(g + 1) * d].reshape(hkv * d, -1)
+            sd[p + "v_proj.weight"] = qkv[:, (g + 1) * d:].reshape(hkv * d, -1)
+            sd[p + "o_proj.weight"] = get(layer.attn.o.weight, 1)
+            gu = get(layer.mlp.gate_up.weight, 0).view(t, 2, f // t, -1)
+            sd[p + "gate.weight"], sd[p + "up.weight"] = gu[:, 0].reshape(f, -1), gu[:, 1].reshape(f, -1)
+            sd[p + "down.weight"] = get(layer.mlp.down.weight, 1)
+            sd[p + "attn_norm.weight"] = get(layer.attn_norm.weight, None)
+            sd[p + "mlp_norm.weight"] = get(layer.mlp_norm.weight, None)
+        sd["norm.weight"] = get(self.norm.weight, None)
+        if not self.config.tied_embeddings:
+            sd["lm_head.weight"] = get(self.lm_head.weight, 0)
+        return sd

@@ -1,4 +1,4 @@
-"""The ``seqpar`` command line: ``seqpar demo`` (more subcommands land with the planner and trainer)."""
+"""The ``seqpar`` command line: one module per subcommand, listed in ``SUBCOMMANDS``."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +7,17 @@ import sys
 __all__ = ["main"]
 
 
+import importlib
+
+# each module defines add_parser(subparsers) and sets func on its parser
+SUBCOMMANDS = ("demo",)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqpar", description="Sequence parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
-
-    demo.add_parser(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

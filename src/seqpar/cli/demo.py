@@ -1,114 +1,125 @@
-"""``seqpar demo``: every attention strategy on local ranks, checked against one device.
+"""``seqpar demo``: train the reference model sequence-parallel on local ranks, and prove it exact.
 
-Starts ``--nproc`` local ranks (gloo on CPU), shards one causal GQA problem in
-the zigzag layout, runs forward and backward with each strategy, and prints
-the largest error of the output and of dq/dk/dv against single-device
-``scaled_dot_product_attention``, with time and bytes sent per rank.
+Starts ``--nproc`` local ranks (gloo on CPU by default), trains the Llama-style
+reference model on associative recall across a long sequence (the key/value
+pairs and the queries sit on different shards, so only attention over the
+whole sequence can answer), then runs the same training on one process and
+prints both: the losses must agree.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+from ..errors import SeqParError
 
-__all__ = ["add_parser", "run_strategy"]
-
-STRATEGIES = ("ring", "ulysses", "allgather", "ring_qk_av")
+__all__ = ["add_parser", "demo_worker"]
 
 
-def _problem(args: dict):
-    g = torch.Generator().manual_seed(0)
-    b, s, h, hkv, d = args["batch"], args["seq_len"], args["heads"], args["kv_heads"], args["head_dim"]
-    shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)]
-    return [torch.randn(*sh, generator=g, dtype=torch.float32) for sh in shapes]
+def _bar(info: dict) -> None:
+    done = info["step"] / info["steps"]
+    bar = "=" * int(28 * done) + ">" + " " * (28 - int(28 * done))
+    mem = info["peak_mem_mb"]
+    line = (f"\r  step {info['step']:>4}/{info['steps']} [{bar[:29]}] loss {info['loss']:.3f}  "
+            f"{info['tokens_per_s'] / 1e3:.1f}k tok/s  peak mem/rank {min(mem):.0f}-{max(mem):.0f} MB")
+    sys.stdout.write(line + ("\n" if info["step"] == info["steps"] else ""))
+    sys.stdout.flush()
 
 
-def run_strategy(strategy: str, args: dict):
-    """Worker task: this rank's shards through seqpar.attention; returns output/grad shards and stats."""
-    import seqpar
-    from seqpar.layout import get_layout
+def demo_worker(cfg_dict: dict, progress: bool):
+    """Worker task: one rank of the training run; returns the result."""
+    from ..trainer import TrainConfig, train
 
-    mesh = seqpar.get_mesh() or seqpar.init()
-    n, r = mesh.sp, mesh.rank("sp")
-    q, k, v, do = _problem(args)
-    idx = get_layout(args["layout"]).indices(q.shape[1], n, r)
-    ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
-    with seqpar.stats.track() as st:
-        t0 = time.perf_counter()
-        out = seqpar.attention(ql, kl, vl, causal=True, strategy=strategy, layout=args["layout"])
-        out.backward(do[:, idx])
-        elapsed = time.perf_counter() - t0
-    return {"idx": idx, "out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
-            "time": elapsed, "bytes": sum(st.bytes.values()), "pairs": st.pairs}
+    return train(TrainConfig.from_dict(cfg_dict), log=_bar if progress else None)
 
 
-def _reference(args: dict):
-    q, k, v, do = _problem(args)
-    q64, k64, v64 = (t.double().transpose(1, 2).requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=True)
-    out.backward(do.double().transpose(1, 2))
-    ref = [t.transpose(1, 2).detach() for t in (out, q64.grad, k64.grad, v64.grad)]
-    qs, ks, vs = (t.transpose(1, 2).clone().requires_grad_() for t in (q, k, v))
-    t0 = time.perf_counter()
-    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-    o.backward(do.transpose(1, 2))
-    single_time = time.perf_counter() - t0
-    single = [t.transpose(1, 2).detach() for t in (o, qs.grad, ks.grad, vs.grad)]
-    return ref, single, single_time
+def _config(ns: argparse.Namespace, single: bool) -> dict:
+    return {"model": {"hidden_size": ns.hidden, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "num_hidden_layers": 2, "intermediate_size": 2 * ns.hidden, "vocab_size": ns.vocab},
+            "strategy": "ring" if single else ns.strategy, "tp": 1 if single else ns.tp,
+            "ulysses": 1 if single else ns.ulysses, "seq_len": ns.seq_len, "micro_batch": ns.micro_batch,
+            "steps": ns.steps, "lr": ns.lr, "data": {"kind": "recall", "pairs": ns.pairs}, "device": ns.device,
+            "log_every": max(1, ns.steps // 50), "seed": ns.seed}
 
 
-def _assemble(results, key, seq_len):
-    first = results[0][key]
-    full = first.new_empty((first.shape[0], seq_len) + tuple(first.shape[2:]))
-    for res in results:
-        full[:, res["idx"]] = res[key]
-    return full
+def _validate(ns: argparse.Namespace) -> None:
+    """Every mistake named with its fix before any process starts."""
+    from ..trainer import TrainConfig
 
-
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    n, tp, u = ns.nproc, ns.tp, ns.ulysses
+    if n < 1 or n % (tp * u):
+        raise SeqParError(f"--nproc {n} is not divisible by --tp {tp} x --ulysses {u}: choose degrees whose "
+                          f"product divides {n}")
+    sp = n // tp
+    unit = 2 * sp * (tp if tp > 1 else 1)
+    if ns.seq_len % unit:
+        raise SeqParError(f"--seq-len {ns.seq_len} must be a multiple of {unit} (zigzag over sp={sp} ranks"
+                          + (f", then sequence parallel over tp={tp}" if tp > 1 else "") +
+                          f"): try --seq-len {(ns.seq_len // unit + 1) * unit}")
+    if ns.strategy == "ulysses" and 4 % sp and sp % 4:
+        raise SeqParError(f"ulysses over sp={sp} ranks with 4 heads: use --strategy usp --ulysses 2 or ring")
+    TrainConfig.from_dict(_config(ns, False))
 
 
 def demo(ns: argparse.Namespace) -> int:
+    from ..trainer import TrainConfig, train
     from ..workers import WorkerPool
 
-    args = {k: getattr(ns, k) for k in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "layout")}
-    strategies = STRATEGIES if ns.strategy == "all" else (ns.strategy,)
-    print(f"seqpar demo: causal attention, B={ns.batch} S={ns.seq_len} H={ns.heads} Hkv={ns.kv_heads} "
-          f"D={ns.head_dim}, layout={ns.layout}, {ns.nproc} local ranks (gloo, CPU)")
-    ref, single, single_time = _reference(args)
-    keys = ("out", "dq", "dk", "dv")
-    budget = max(_err(s, r) for s, r in zip(single, ref))
-    print(f"single device (float32 SDPA): max error vs float64 {budget:.1e}, fwd+bwd {single_time * 1e3:.0f} ms\n")
-    header = f"{'strategy':<11}{'world':>6}{'max err':>10}{'fwd+bwd ms':>12}{'MB sent/rank':>14}{'work/rank':>11}  ok"
+    try:
+        _validate(ns)
+    except SeqParError as e:
+        print(f"seqpar demo: {e}", file=sys.stderr)
+        return 2
+    sp = ns.nproc // ns.tp
+    print(f"seqpar demo: associative recall over {ns.seq_len} tokens ({ns.pairs} key/value pairs at the start, "
+          f"queries at the end), Llama-style model h={ns.hidden}, {ns.steps} AdamW steps")
+    print(f"[1/2] {ns.nproc} local ranks on {ns.device} (gloo): strategy={ns.strategy}, sp={sp} "
+          f"(ulysses={ns.ulysses}), tp={ns.tp}, layout=zigzag")
+    t0 = time.perf_counter()
+    with WorkerPool(ns.nproc, timeout=600) as pool:
+        par = pool.run(demo_worker, _config(ns, False), True)[0]
+    t_par = time.perf_counter() - t0
+    print(f"      {t_par:.0f} s")
+    single = None
+    if not ns.no_reference:
+        print("[2/2] the same run on one process")
+        t0 = time.perf_counter()
+        single = train(TrainConfig.from_dict(_config(ns, True)), log=_bar)
+        print(f"      {time.perf_counter() - t0:.0f} s")
+    print()
+    header = f"{'run':<26}{'world':>6}{'final loss':>12}{'recall acc':>12}{'tok/s':>9}{'peak MB/rank':>14}"
     print(header + "\n" + "-" * len(header))
-    failures = 0
-    with WorkerPool(ns.nproc, threads_per_rank=1) as pool:
-        for strategy in strategies:
-            res = pool.run(run_strategy, strategy, args)  # warm-up: first P2P/collective connections
-            res = pool.run(run_strategy, strategy, args)
-            err = max(_err(_assemble(res, key, ns.seq_len), r) for key, r in zip(keys, ref))
-            ok = err <= 2 * budget + 1e-6
-            failures += not ok
-            pairs = [r_["pairs"] for r_ in res]
-            balance = f"{min(pairs) / max(pairs):.2f}" if max(pairs) else "-"
-            print(f"{strategy:<11}{ns.nproc:>6}{err:>10.1e}{max(r_['time'] for r_ in res) * 1e3:>12.0f}"
-                  f"{max(r_['bytes'] for r_ in res) / 2**20:>14.2f}{balance:>11}  {'yes' if ok else 'NO'}")
-    print("\nmax err: largest |difference| of out, dq, dk, dv against float64; work/rank: min/max attention work "
-          "over ranks (1.00 = balanced).")
-    return 1 if failures else 0
+    rows = [(f"{ns.strategy} (sp={sp}, tp={ns.tp})", par)] + ([("one process", single)] if single else [])
+    for name, r in rows:
+        print(f"{name:<26}{r.world_size:>6}{r.losses[-1]:>12.4f}{r.accuracy:>12.3f}{r.tokens_per_s:>9.0f}"
+              f"{max(r.peak_mem_mb):>14.0f}")
+    if single is None:
+        return 0
+    diff = max(abs(a - b) for a, b in zip(par.losses, single.losses))
+    ok = diff <= 1e-3 * max(1.0, abs(single.losses[-1]))
+    print(f"\nlargest loss difference over all {ns.steps} steps: {diff:.2e} -> "
+          + ("the sequence-parallel run equals one process" if ok else "MISMATCH"))
+    chance = 1 / ((ns.vocab - 2) // 2)
+    print(f"recall accuracy {par.accuracy:.3f} (chance {chance:.3f}): the answers live on other ranks' shards")
+    return 0 if ok else 1
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run every attention strategy on local ranks and check it against one device")
-    p.add_argument("--nproc", type=int, default=4, help="local ranks to start (default 4)")
-    p.add_argument("--strategy", default="all", choices=("all",) + STRATEGIES)
-    p.add_argument("--layout", default="zigzag", choices=("zigzag", "contiguous", "stripe"))
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
+    p = sub.add_parser("demo", help="train the reference model sequence-parallel on local ranks, checked "
+                                    "against one process")
+    p.add_argument("--nproc", type=int, default=4, help="local ranks (default 4)")
+    p.add_argument("--strategy", default="ring", choices=("ring", "ulysses", "allgather", "usp", "ring_qk_av"))
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (Megatron TP + SP)")
+    p.add_argument("--ulysses", type=int, default=1, help="ulysses degree inside sp (strategy usp)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=4, help="key/value pairs to recall")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=34, help="2 specials + keys + values")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-reference", action="store_true", help="skip the one-process comparison run")
     p.set_defaults(func=demo)

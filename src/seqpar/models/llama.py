@@ -18,6 +18,8 @@ convert from / to the single-device names (q_proj, k_proj, v_proj, gate, up...).
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
@@ -31,6 +33,21 @@ from ..tp import ColumnParallelLinear, RMSNorm, RowParallelLinear, VocabParallel
 from ..tp.mappings import resolve_mesh
 
 __all__ = ["LlamaForCausalLM", "rope"]
+
+
+class _LazyInit(dict):
+    """A state dict whose tensors are drawn on access, each from a generator seeded by its name."""
+
+    def __init__(self, shapes, seed, std, dtype):
+        super().__init__()
+        self.shapes, self.seed, self.std, self.dtype = shapes, seed, std, dtype
+
+    def __getitem__(self, name):
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self.dtype)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g) * self.std).to(self.dtype)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -154,21 +171,47 @@ class LlamaForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------- single-device state
 
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the single-device state (:meth:`full_state_dict`)."""
+        c = self.config
+        h, hkv, d, f, hid = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.ffn_hidden_size, c.hidden_size
+        shapes = {"embed.weight": (c.vocab_size, hid), "norm.weight": (hid,)}
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            shapes.update({p + "q_proj.weight": (h * d, hid), p + "k_proj.weight": (hkv * d, hid),
+                           p + "v_proj.weight": (hkv * d, hid), p + "o_proj.weight": (hid, h * d),
+                           p + "gate.weight": (f, hid), p + "up.weight": (f, hid), p + "down.weight": (hid, f),
+                           p + "attn_norm.weight": (hid,), p + "mlp_norm.weight": (hid,)})
+        if not c.tied_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, hid)
+        return shapes
+
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Initialise identically at every parallel layout: each single-device tensor is drawn from
+        its own generator, seeded by (seed, name), then sharded.  Norms start at 1, the rest at
+        N(0, std).  One full tensor at a time is materialised; no communication."""
+        self.load_full_state_dict(_LazyInit(self.full_shapes(), seed, std, self.embed.weight.dtype))
+
     def _fused_rows(self):
         """Row orders of the fused qkv and gate_up weights for this tp degree."""
         cfg, t = self.config, self.mesh.tp
         h, hkv, d, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.ffn_hidden_size
         return h, hkv, d, f, t
 
-    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load single-device weights (names of :meth:`full_state_dict`), keeping this rank's shards."""
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor], target=None) -> None:
+        """Load single-device weights (names of :meth:`full_state_dict`), keeping this rank's shards.
+
+        ``target(param)`` picks the tensor to fill instead of the parameter itself (e.g. an
+        optimizer moment shaped like it), so optimizer state reshards the same way.  No communication.
+        """
+        target = target or (lambda p: p)
         h, hkv, d, f, t = self._fused_rows()
         g = h // hkv
         tp_r = self.mesh.rank("tp")
 
         def put(param, full, dim):
             with torch.no_grad():
-                param.copy_(full if dim is None else full.chunk(t, dim)[tp_r])
+                target(param).copy_(full if dim is None else full.chunk(t, dim)[tp_r])
 
         put(self.embed.weight, sd["embed.weight"], 0)
         for i, layer in enumerate(self.layers):
@@ -186,15 +229,18 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tied_embeddings:
             put(self.lm_head.weight, sd["lm_head.weight"], 0)
 
-    def full_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Single-device weights (or their gradients) gathered over tp. A collective over the tp group."""
+    def full_state_dict(self, grads: bool = False, source=None) -> dict[str, torch.Tensor]:
+        """Single-device weights (or their gradients, or ``source(param)``) gathered over tp.
+
+        A collective over the tp group: every tp rank must call it.
+        """
+        source = source or ((lambda p: p.grad) if grads else (lambda p: p))
         h, hkv, d, f, t = self._fused_rows()
         g = h // hkv
         group = self.mesh.tp_group
 
         def get(param, dim):
-            x = param.grad if grads else param
-            x = x.detach()
+            x = source(param).detach()
             return x.clone() if dim is None else comm._all_gather(x, dim, group)
 
         sd = {"embed.weight": get(self.embed.weight, 0)}

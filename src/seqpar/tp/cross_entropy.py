@@ -14,7 +14,7 @@ from ..errors import ConfigError, ShapeError, check
 from ..mesh import group_rank, group_size
 from ..stats import record_comm
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
 
 
 def _all_reduce_(x: torch.Tensor, op, group) -> None:
@@ -102,3 +102,23 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (target != ignore_index).sum()
+
+
+def vocab_parallel_argmax(logits_shard: torch.Tensor, *, group) -> torch.Tensor:
+    """``argmax`` over the vocabulary of logits split on their last dim over ``group`` -> ``[...]`` class ids.
+
+    Ties resolve to the lowest class id, as ``torch.argmax`` on the full logits.
+    Communication: one all-gather of the per-rank maxima and indices (2 values per token).
+    """
+    value, index = logits_shard.max(dim=-1)
+    n = group_size(group)
+    if n == 1:
+        return index
+    index = index + group_rank(group) * logits_shard.shape[-1]
+    pair = torch.stack([value.to(torch.float64), index.to(torch.float64)])
+    gathered = [torch.empty_like(pair) for _ in range(n)]
+    record_comm("all_gather", pair.numel() * pair.element_size() * (n - 1))
+    dist.all_gather(gathered, pair.contiguous(), group=group)
+    both = torch.stack(gathered)  # [n, 2, ...]
+    best = both[:, 0].argmax(dim=0, keepdim=True)  # first (lowest-rank) maximum
+    return both[:, 1].gather(0, best).squeeze(0).long()

@@ -1,0 +1,6 @@
+"""``python -m seqpar.cli ...`` (what torchrun launches)."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,234 @@
+"""The training loop behind ``seqpar demo`` and ``seqpar train``: one code path for both.
+
+Every rank builds the same global batch for a step (:mod:`seqpar.data`), keeps its
+data-parallel rows and its sequence shard, runs the reference model, and
+reduces gradients over dp x sp (:func:`seqpar.training.sync_gradients`).  The
+reported loss is the exact global token mean, so a run at any parallel layout
+can be compared with one process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import layout as layout_mod
+from .configs import get_config
+from .data import make_data
+from .errors import ConfigError, check
+from .mesh import Mesh, init
+from .models import LlamaForCausalLM
+from .tp._base import skip_init
+from .tp.cross_entropy import vocab_parallel_argmax
+from .training import IGNORE, causal_lm_loss, sync_gradients
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``seqpar train`` reads it from TOML or YAML (same keys)."""
+
+    model: str | dict = "tiny"
+    strategy: str = "ring"
+    layout: str = "zigzag"
+    tp: int = 1
+    ulysses: int = 1
+    dp: int | None = None
+    sequence_parallel: bool = True
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per data-parallel rank per step
+    steps: int = 300
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    data: dict = field(default_factory=lambda: {"kind": "recall", "pairs": 8})
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_dir: str | None = None
+    save_every: int = 0
+    log_every: int = 10
+    eval_batches: int = 2
+    peak_tflops: float | None = None  # per device, for the MFU estimate (989 for an H100 in bf16)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        check(not unknown, ConfigError, f"unknown config keys {unknown}: known keys are {sorted(names)}")
+        cfg = cls(**d)
+        check(cfg.dtype in DTYPES, ConfigError, f"dtype={cfg.dtype!r}: use one of {sorted(DTYPES)}")
+        check(cfg.device in ("cpu", "cuda"), ConfigError, f"device={cfg.device!r}: use 'cpu' or 'cuda'")
+        check(cfg.steps >= 1 and cfg.micro_batch >= 1 and cfg.seq_len >= 2, ConfigError,
+              "steps, micro_batch must be >= 1 and seq_len >= 2")
+        get_config(cfg.model)  # names a missing key or an unknown model now, not on every rank later
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a ``.toml`` or ``.yaml``/``.yml`` file."""
+        path = Path(path)
+        check(path.is_file(), ConfigError, f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            return cls.from_dict(tomllib.loads(text))
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError as e:
+                raise ConfigError("YAML configs need PyYAML: pip install pyyaml, or use TOML") from e
+            return cls.from_dict(yaml.safe_load(text) or {})
+        raise ConfigError(f"config {str(path)!r}: use a .toml or .yaml file")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    accuracy: float
+    tokens_per_s: float
+    peak_mem_mb: list[float]  # per rank
+    world_size: int
+    mfu: float | None = None
+
+
+def _peak_mem_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def _flops_per_token(model: LlamaForCausalLM, seq_len: int) -> float:
+    """6N for the matmuls plus causal attention (6 * L * h * S, half of the dense 12 L h S)."""
+    n = sum(p.numel() for p in model.parameters()) * model.mesh.tp
+    c = model.config
+    return 6 * n + 6 * c.num_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def _local_batch(data, cfg: TrainConfig, mesh: Mesh, step: int, device):
+    ids, labels = data.batch(step, cfg.micro_batch * mesh.dp)
+    rows = slice(mesh.rank("dp") * cfg.micro_batch, (mesh.rank("dp") + 1) * cfg.micro_batch)
+    ids_l = layout_mod.shard(ids[rows], 1, layout=cfg.layout, mesh=mesh)
+    labels_l = layout_mod.shard(labels[rows], 1, layout=cfg.layout, mesh=mesh, pad_value=IGNORE)
+    return ids_l.to(device), labels_l.to(device)
+
+
+def _accuracy(model, data, cfg, mesh, device) -> float:
+    """Token accuracy on fresh batches (exact over the whole dp x sp x tp layout)."""
+    correct = total = 0.0
+    with torch.no_grad():
+        for i in range(cfg.eval_batches):
+            ids, labels = _local_batch(data, cfg, mesh, 10**9 + i, device)
+            pred = vocab_parallel_argmax(model(ids), group=mesh.tp_group)
+            valid = labels != IGNORE
+            stats = torch.tensor([float(((pred == labels) & valid).sum()), float(valid.sum())])
+            if mesh.dp_sp_group is not None:
+                dist.all_reduce(stats, group=mesh.dp_sp_group)
+            correct, total = correct + stats[0].item(), total + stats[1].item()
+    return correct / max(total, 1.0)
+
+
+def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
+          log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train the reference model on the current world (or ``mesh``) and return the result.
+
+    Every rank must call it.  ``log`` (called on global rank 0 every ``log_every``
+    steps) receives ``{"step", "steps", "loss", "tokens_per_s", "peak_mem_mb"}``.
+    """
+    if mesh is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        check(world % (cfg.tp * cfg.ulysses) == 0, ConfigError,
+              f"tp={cfg.tp} x ulysses={cfg.ulysses} does not divide the world size {world}")
+        mesh = init(tp=cfg.tp, dp=cfg.dp, ulysses=cfg.ulysses)
+    device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    with skip_init():  # init_weights draws the same weights at every layout
+        model = LlamaForCausalLM(cfg.model, mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
+                                 sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device)
+    model.init_weights(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    data = make_data(cfg.data, model.config.vocab_size, cfg.seq_len, cfg.seed)
+    start = 0
+    if cfg.checkpoint_dir:
+        from .checkpoint import load_latest
+
+        start = load_latest(cfg.checkpoint_dir, model, opt)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    losses, t_start, tokens = [], time.perf_counter(), 0
+    tokens_per_step = cfg.micro_batch * mesh.dp * cfg.seq_len
+    for step in range(start, cfg.steps):
+        ids, labels = _local_batch(data, cfg, mesh, step, device)
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        out = causal_lm_loss(model(ids), labels, mesh)
+        out.loss.backward()
+        sync_gradients(model, mesh)
+        if cfg.grad_clip:
+            _clip(model, mesh, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.value)
+        tokens += tokens_per_step
+        if cfg.checkpoint_dir and cfg.save_every and (step + 1) % cfg.save_every == 0:
+            from .checkpoint import save
+
+            save(cfg.checkpoint_dir, model, opt, step + 1)
+        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            mem = _gather_mem(cfg.device)
+            if rank0:
+                log({"step": step + 1, "steps": cfg.steps, "loss": out.value,
+                     "tokens_per_s": tokens / (time.perf_counter() - t_start), "peak_mem_mb": mem})
+    elapsed = time.perf_counter() - t_start
+    acc = _accuracy(model, data, cfg, mesh, device)
+    tps = tokens / elapsed if elapsed > 0 else 0.0
+    mfu = None
+    if cfg.peak_tflops:
+        mfu = tps * _flops_per_token(model, cfg.seq_len) / (cfg.peak_tflops * 1e12 * max(1, mesh.world_size))
+    return TrainResult(losses, acc, tps, _gather_mem(cfg.device), mesh.world_size, mfu)
+
+
+def _gather_mem(device: str) -> list[float]:
+    mine = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine.item()]
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.item() for t in out]
+
+
+def _clip(model: LlamaForCausalLM, mesh: Mesh, max_norm: float) -> None:
+    """Clip by the global gradient norm: shards over tp add up, replicated parameters count once."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        s = p.grad.detach().double().pow(2).sum().cpu()
+        sq += s if getattr(p, "tensor_parallel", False) else s / mesh.tp
+    if mesh.tp_group is not None:
+        dist.all_reduce(sq, group=mesh.tp_group)
+    norm = sq.sqrt().item()
+    if norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))

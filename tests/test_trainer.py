@@ -1,0 +1,127 @@
+"""The training loop (demo and train share it): exact at any layout, checkpoints, resume, the commands."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqpar
+from seqpar.checkpoint import CheckpointError, load, load_latest, save
+from seqpar.cli import main
+from seqpar.mesh import Mesh
+from seqpar.models import LlamaForCausalLM
+from seqpar.trainer import TrainConfig, train
+
+BASE = {"model": "tiny", "seq_len": 64, "micro_batch": 2, "steps": 4, "lr": 1e-2, "log_every": 1,
+        "data": {"kind": "recall", "pairs": 4}, "eval_batches": 1}
+
+
+def run_train(overrides: dict):
+    cfg = TrainConfig.from_dict({**BASE, **overrides})
+    logged = []
+    res = train(cfg, log=logged.append)
+    return {"losses": res.losses, "acc": res.accuracy, "logged": len(logged), "mem": res.peak_mem_mb}
+
+
+@pytest.mark.parametrize("world,overrides", [
+    (4, {"strategy": "ring"}), (4, {"strategy": "usp", "ulysses": 2}), (4, {"strategy": "ulysses", "tp": 2}),
+    (4, {"strategy": "ring", "dp": 2}),
+])
+def test_loop_equals_one_process(pool, world, overrides):
+    # micro_batch is per data-parallel rank: one process takes the whole global batch
+    ref = run_train({"micro_batch": BASE["micro_batch"] * overrides.get("dp", 1)})
+    res = pool(world).run(run_train, overrides)
+    assert res[0]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert res[0]["acc"] == pytest.approx(ref["acc"])
+    assert res[0]["logged"] == BASE["steps"] and len(res[0]["mem"]) == world
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(seqpar.ConfigError, match=r"unknown config keys \['stepz'\]"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(seqpar.ConfigError, match="missing"):
+        TrainConfig.from_dict({"model": {"hidden_size": 64}})
+    bad = tmp_path / "run.toml"
+    bad.write_text('model = "tiny"\nsteps = 0\n')
+    assert main(["train", str(bad)]) == 2
+
+
+def run_checkpointed(overrides: dict, directory: str, steps: int, save_every: int):
+    cfg = TrainConfig.from_dict({**BASE, **overrides, "steps": steps, "checkpoint_dir": directory,
+                                 "save_every": save_every})
+    return train(cfg).losses
+
+
+def test_resume_at_another_layout_gives_the_same_losses(pool, tmp_path):
+    full = run_train({"steps": 6})["losses"]
+    first = pool(4).run(run_checkpointed, {"tp": 2, "strategy": "ring"}, str(tmp_path), 3, 3)[0]
+    assert first == pytest.approx(full[:3], rel=1e-5)
+    # resume the same run at sp=4 (no tp) from step 3: the next losses are the uninterrupted ones
+    resumed = pool(4).run(run_checkpointed, {"strategy": "usp", "ulysses": 2}, str(tmp_path), 6, 0)[0]
+    assert resumed == pytest.approx(full[3:], rel=1e-5)
+
+
+def crash_during_save(directory: str):
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt = torch.optim.AdamW(model.parameters())
+    save(directory, model, opt, 1)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        os._exit(9)  # the process dies half-way through writing step 2
+
+    torch.save = dying_save
+    try:
+        save(directory, model, opt, 2)
+    finally:
+        torch.save = real_save
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(pool, tmp_path):
+    with pytest.raises(seqpar.workers.WorkerError, match="exit"):
+        pool(1).run(crash_during_save, str(tmp_path))
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt = torch.optim.AdamW(model.parameters())
+    assert load_latest(tmp_path, model, opt) == 1
+    assert not (tmp_path / "step-2").exists()
+
+
+def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt = torch.optim.AdamW(model.parameters())
+    path = save(tmp_path, model, opt, 5)
+    (path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load(path, model, opt)
+    (path / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load(path, model, opt)
+
+
+def test_demo_command(capsys):
+    assert main(["demo", "--nproc", "2", "--steps", "3", "--seq-len", "64", "--micro-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the sequence-parallel run equals one process" in out and "one process" in out
+
+
+def test_demo_rejects_bad_degrees(capsys):
+    assert main(["demo", "--nproc", "3", "--tp", "2"]) == 2
+    assert "--nproc 3 is not divisible by --tp 2" in capsys.readouterr().err
+    assert main(["demo", "--nproc", "4", "--seq-len", "100"]) == 2
+    assert "must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_train_command_under_torchrun(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "tiny"\nseq_len = 64\nmicro_batch = 2\nsteps = 3\nlog_every = 1\n'
+                   'strategy = "ulysses"\n[data]\nkind = "recall"\npairs = 4\n')
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "seqpar.cli", "train", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step      3/3" in out.stdout and "done: final loss" in out.stdout

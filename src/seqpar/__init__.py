@@ -8,6 +8,7 @@ Every scheme behind one API, exact against a single-device run::
 """
 from . import comm, kernels, stats
 from .attention import STRATEGIES, attention
+from .debug import NumericsError, set_check_finite, set_debug
 from .errors import CommError, ConfigError, SeqParError, ShapeError
 from .layout import position_ids, shard, unshard
 from .mesh import Mesh, get_mesh, init, set_mesh
@@ -16,5 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "init", "Mesh", "get_mesh", "set_mesh", "attention", "STRATEGIES", "shard", "unshard", "position_ids",
-    "SeqParError", "ConfigError", "ShapeError", "CommError", "comm", "kernels", "stats",
+    "SeqParError", "ConfigError", "ShapeError", "CommError", "NumericsError", "set_debug", "set_check_finite",
+    "comm", "kernels", "stats",
 ]

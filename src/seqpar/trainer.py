@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import layout as layout_mod
 from .configs import get_config
 from .data import make_data
-from .errors import ConfigError, check
+from .errors import CommError, ConfigError, SeqParError, check
 from .mesh import Mesh, init
 from .models import LlamaForCausalLM
 from .tp._base import skip_init
@@ -61,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     eval_batches: int = 2
     peak_tflops: float | None = None  # per device, for the MFU estimate (989 for an H100 in bf16)
+    timeout: float = 600.0  # seconds a collective may wait before the run fails (when seqpar starts the group)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -150,6 +151,20 @@ def _accuracy(model, data, cfg, mesh, device) -> float:
     return correct / max(total, 1.0)
 
 
+def _step(model, opt, data, cfg: TrainConfig, mesh: Mesh, step: int, device) -> float:
+    ids, labels = _local_batch(data, cfg, mesh, step, device)
+    for g in opt.param_groups:
+        g["lr"] = _lr(cfg, step)
+    out = causal_lm_loss(model(ids), labels, mesh)
+    out.loss.backward()
+    sync_gradients(model, mesh)
+    if cfg.grad_clip:
+        _clip(model, mesh, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.value
+
+
 def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
           log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the reference model on the current world (or ``mesh``) and return the result.
@@ -161,7 +176,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
         world = dist.get_world_size() if dist.is_initialized() else 1
         check(world % (cfg.tp * cfg.ulysses) == 0, ConfigError,
               f"tp={cfg.tp} x ulysses={cfg.ulysses} does not divide the world size {world}")
-        mesh = init(tp=cfg.tp, dp=cfg.dp, ulysses=cfg.ulysses)
+        mesh = init(tp=cfg.tp, dp=cfg.dp, ulysses=cfg.ulysses, timeout=cfg.timeout)
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
     with skip_init():  # init_weights draws the same weights at every layout
         model = LlamaForCausalLM(cfg.model, mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
@@ -178,17 +193,14 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
     losses, t_start, tokens = [], time.perf_counter(), 0
     tokens_per_step = cfg.micro_batch * mesh.dp * cfg.seq_len
     for step in range(start, cfg.steps):
-        ids, labels = _local_batch(data, cfg, mesh, step, device)
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        out = causal_lm_loss(model(ids), labels, mesh)
-        out.loss.backward()
-        sync_gradients(model, mesh)
-        if cfg.grad_clip:
-            _clip(model, mesh, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.value)
+        try:
+            losses.append(_step(model, opt, data, cfg, mesh, step, device))
+        except SeqParError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL errors: a peer died or a collective timed out
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise CommError(f"training step {step + 1} failed on rank {rank}: {e} -- a peer rank died or a "
+                            f"collective timed out (timeout {cfg.timeout:.0f} s)") from e
         tokens += tokens_per_step
         if cfg.checkpoint_dir and cfg.save_every and (step + 1) % cfg.save_every == 0:
             from .checkpoint import save
@@ -197,7 +209,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             mem = _gather_mem(cfg.device)
             if rank0:
-                log({"step": step + 1, "steps": cfg.steps, "loss": out.value,
+                log({"step": step + 1, "steps": cfg.steps, "loss": losses[-1],
                      "tokens_per_s": tokens / (time.perf_counter() - t_start), "peak_mem_mb": mem})
     elapsed = time.perf_counter() - t_start
     acc = _accuracy(model, data, cfg, mesh, device)

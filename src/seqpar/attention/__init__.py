@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..debug import check_agree, check_finite, check_finite_enabled
 from ..errors import ConfigError, ShapeError, check
 from ..kernels import _check_qkv, attention_with_lse, pick_backend
 from ..layout import Nested, _info, resolve_layout
@@ -54,7 +55,7 @@ def _local_attention(q, k, v, *, metas, causal, window, scale, backend, layout, 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, strategy: str = "ring",
               mesh: Mesh | None = None, group=None, layout: str = "zigzag", cu_seqlens=None, seq_info=None,
               scale: float | None = None, window=None, backend: str = "auto", ring_transport: str = "auto",
-              return_lse: bool = False):
+              return_lse: bool = False, name: str | None = None):
     """Exact attention of this rank's query shard over the whole (sharded) sequence.
 
     Args:
@@ -81,12 +82,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         backend: local kernel (``auto``, ``cpu_flash``, ``cudnn``, ``flash``, ``efficient``, ``math``).
         ring_transport: ``auto``, ``p2p`` or ``alltoall`` (see :class:`seqpar.comm.RingExchange`).
         return_lse: also return the float32 log-sum-exp ``[B, H, S/N]`` of each query row.
+        name: what to call this call in errors (e.g. ``"layers.3.attn"``).
 
     Returns:
         ``out [B, S/N, H, D]`` in q's dtype (and lse when ``return_lse``).
 
     Every check on the arguments runs before any communication, so a bad call
-    fails with the same error on every rank instead of hanging.
+    fails with the same error on every rank instead of hanging.  With
+    :func:`seqpar.set_debug` the ranks also check that they all make the same
+    call (one small all-gather); with :func:`seqpar.set_check_finite` outputs and
+    gradients are checked for NaN/Inf.
     """
     check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
     _check_qkv(q, k, v)
@@ -116,6 +121,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               f"or use layout='contiguous'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = pick_backend(q, backend)
+    what = f"attention {name or ''} ({strategy})".replace("  ", " ")
+    check_agree(what, group, q=q, k=k, v=v, causal=causal, layout=lay.name, window=window, scale=scale,
+                docs=None if info is None else info.cu_seqlens)
+    if check_finite_enabled():  # the CPU kernel silently turns a NaN query row into zeros: check inputs too
+        check_finite({"q": q, "k": k, "v": v}, what, group)
     metas = None
     if info is not None:
         metas = [info.meta(r) for r in range(n)]
@@ -155,4 +165,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                   mode=ring_transport)
         out = ex.gather_heads(out)
         lse = ex.gather_lse(lse) if return_lse else None
+    if check_finite_enabled():
+        check_finite({"the output": out}, what, group)
+        if out.requires_grad:  # every rank runs this hook at the same point of backward
+            out.register_hook(lambda g: check_finite({"the output gradient": g}, what, group))
     return (out, lse) if return_lse else out

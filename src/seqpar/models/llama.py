@@ -70,20 +70,26 @@ class Attention(nn.Module):
         self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.group = self.h // self.hkv
         self.mesh, self.strategy, self.layout, self.theta = mesh, strategy, layout, cfg.rope_theta or 10000.0
+        self.name = "attention"  # set to layers.{i}.attn by the model, for error messages
         self.qkv = ColumnParallelLinear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=False, mesh=mesh,
                                         sequence_parallel=sp_on, **kw)
         self.o = RowParallelLinear(self.h * self.d, cfg.hidden_size, bias=False, mesh=mesh,
                                    sequence_parallel=sp_on, **kw)
 
-    def forward(self, x, pos, attn_kwargs):
+    def forward(self, x, pos, attn_kwargs, cache=None):
         y = self.qkv(x)  # [B, S/sp, (Hkv/t) * (g + 2) * D]
         b, s = y.shape[:2]
         y = y.view(b, s, -1, self.group + 2, self.d)
         q = y[..., :self.group, :].reshape(b, s, -1, self.d)
         k, v = y[..., self.group, :], y[..., self.group + 1, :]
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
-        out = attention(q, k, v, causal=True, strategy=self.strategy, mesh=self.mesh, layout=self.layout,
-                        **attn_kwargs)
+        if cache is None:
+            out = attention(q, k, v, causal=True, strategy=self.strategy, mesh=self.mesh, layout=self.layout,
+                            name=self.name, **attn_kwargs)
+        else:
+            # a KV-cache layer (seqpar.inference) keeps the roped k, v of this rank's tokens and attends
+            # in its own way: sequence-parallel over the prompt (prefill), lse-merged across ranks (decode)
+            out = cache(q, k, v)
         return self.o(out.reshape(b, s, -1))
 
 
@@ -109,8 +115,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, sequence_parallel=sp_on, **kw)
         self.mlp = MLP(cfg, mesh, sp_on, kw)
 
-    def forward(self, x, pos, attn_kwargs):
-        x = x + self.attn(self.attn_norm(x), pos, attn_kwargs)
+    def forward(self, x, pos, attn_kwargs, cache=None):
+        x = x + self.attn(self.attn_norm(x), pos, attn_kwargs, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -143,9 +149,11 @@ class LlamaForCausalLM(nn.Module):
                                             sequence_parallel=sp_on, **kw)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.embed.weight  # both are this rank's [V/t, h] rows
+        for i, layer in enumerate(self.layers):
+            layer.attn.name = f"layers.{i}.attn"
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                cu_seqlens=None, seq_info=None, window=None) -> torch.Tensor:
+                cu_seqlens=None, seq_info=None, window=None, cache=None) -> torch.Tensor:
         """Logits of this rank's tokens.
 
         Args:
@@ -157,7 +165,18 @@ class LlamaForCausalLM(nn.Module):
             :func:`seqpar.tp.vocab_parallel_cross_entropy` or :func:`seqpar.training.causal_lm_loss`).
         Communication: per layer, attention's (see the strategy) and, with tp, Megatron's
         all-gather / reduce-scatter (SP) or all-reduce pairs.
+
+        ``cache``: optional, one KV-cache callable per layer, ``cache[i](q, k, v) -> out`` (BSHD, roped),
+        used instead of :func:`seqpar.attention` (see :mod:`seqpar.inference`); None for plain attention.
         """
+        return self.lm_head(self.norm(self.hidden_states(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                                         seq_info=seq_info, window=window, cache=cache)))
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                      cu_seqlens=None, seq_info=None, window=None, cache=None) -> torch.Tensor:
+        """The last layer's output before the final norm: ``[B, S/sp, h]`` (``[B, S/(sp*t), h]`` with
+        sequence_parallel).  Arguments and communication as :meth:`forward`, without the LM head, so a
+        caller can apply it to a few tokens only (inference needs the last one)."""
         check(input_ids.dim() == 2, ShapeError, f"input_ids must be [batch, local_seq], got {tuple(input_ids.shape)}")
         if position_ids is None:
             position_ids = layout_position_ids(input_ids.shape[1] * self.mesh.sp if cu_seqlens is None and
@@ -165,9 +184,9 @@ class LlamaForCausalLM(nn.Module):
                                                cu_seqlens=cu_seqlens, seq_info=seq_info, device=input_ids.device)
         attn_kwargs = {"cu_seqlens": cu_seqlens, "seq_info": seq_info, "window": window}
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, position_ids, attn_kwargs)
-        return self.lm_head(self.norm(x))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, position_ids, attn_kwargs, None if cache is None else cache[i])
+        return x
 
     # ----------------------------------------------------------------- single-device state
 

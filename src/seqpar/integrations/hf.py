@@ -1,0 +1,341 @@
+"""Sequence-parallel training of stock Hugging Face ``transformers`` causal LMs.
+
+Recipe (every rank; ``batch`` is this data-parallel rank's full sequences, the same
+on every rank of its sequence-parallel group)::
+
+    mesh = seqpar.init(sp=4, dp=2)                      # torchrun's environment
+    model = AutoModelForCausalLM.from_config(config)     # Llama, Mistral, Qwen2, Qwen3, ...
+    hf.apply(model, mesh, strategy="ring")               # attention -> seqpar.attention
+    ddp = DistributedDataParallel(model, process_group=mesh.dp_sp_group)
+    local = hf.shard_batch({"input_ids": ids, "labels": ids, "position_ids": pos}, mesh)
+    labels = local.pop("labels"); del local["shift_labels"]   # shifted before sharding
+    out = ddp(**local)                                   # local logits [B, S/sp, V]
+    loss = hf.sp_causal_lm_loss(out.logits, labels, mesh)
+    loss.loss.backward()                                 # DDP averages grads over dp x sp: exact
+
+How each piece of the HF model is made exact on a sequence shard:
+
+* **Attention** goes through transformers' attention-implementation registry:
+  ``AttentionInterface.register("seqpar", fn)`` and
+  ``model.set_attn_implementation("seqpar")``.  HF calls ``fn(module, query, key,
+  value, attention_mask, scaling=, dropout=, sliding_window=, **kwargs)`` with
+  ``[B, H, S_local, D]`` tensors; ``fn`` hands them to :func:`seqpar.attention` as
+  BSHD with the module's scaling, K/V at the kv-head count (GQA is never
+  repeated), causal from ``module.is_causal``, and HF's sliding window (key
+  ``j`` visible to query ``i`` iff ``i - sliding_window < j <= i``, i.e.
+  ``window=(sliding_window - 1, 0)``) on the layers that have one.
+* **Masks.**  transformers builds masks through a *separate* registry
+  (``AttentionMaskInterface``).  "seqpar" is deliberately not registered there,
+  so ``create_causal_mask`` / ``create_sliding_window_causal_mask`` exit early
+  and return the user's mask unchanged (None): HF never builds a dense
+  ``[S_local, S_local]`` causal mask from local lengths, which would be wrong
+  (seqpar.attention applies the causal mask over *global* positions itself).
+  A forward pre-hook drops an all-ones ``attention_mask`` and refuses a padding
+  mask (use packing); ``fn`` refuses any mask that still reaches it.
+* **RoPE** is computed by HF from ``position_ids``: :func:`shard_batch` gives
+  every rank the global positions of its tokens (per-document positions when
+  packed), so rotary embeddings match the unsharded model.
+* **Packing / padding**: :func:`shard_batch` returns a ``seqpar_info`` keyword
+  (a :class:`~seqpar.packing.SeqInfo`); HF forwards every extra keyword of
+  ``model(**local)`` through the decoder layers to ``fn``, which passes it to
+  seqpar.attention as ``seq_info``.
+* **Loss**: labels are shifted before sharding (see :func:`shard_batch`);
+  :func:`sp_causal_lm_loss` gives the exact global token mean.
+
+Refused with a :class:`~seqpar.errors.ConfigError` naming what is missing:
+padding attention masks, ``output_attentions=True``, KV caches / generation,
+attention dropout, logit soft-capping, attention sinks or position biases,
+bidirectional sliding windows, layer types other than full/sliding attention
+(linear attention, Mamba, chunked), encoder-decoders, architectures whose
+attention does not go through ``AttentionInterface``, and tensor parallelism.
+
+After every forward a hook checks that each decoder layer's attention called the
+seqpar function (else a ConfigError: the model mixes tokens some other way).  A
+model prepared by apply() survives ``copy.deepcopy`` and ``save_pretrained``, but
+not pickling of the whole module (its hooks are closures): save the state dict.
+
+Needs transformers >= 4.53 (masks built in ``masking_utils``); tested with 4.53.3,
+4.57.6 and 5.24.0 (Llama, Mistral, Qwen2, Qwen3, Gemma3).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import STRATEGIES, attention
+from ..errors import ConfigError, check
+from ..layout import get_layout
+from ..mesh import Mesh
+from ._hf_batch import (INFO_KEY, SPLoss, batch_info, check_mesh, cu_seqlens_from_position_ids, resolve_mesh,
+                        shard_batch, shift_labels, sp_causal_lm_loss)
+
+__all__ = ["apply", "shard_batch", "sp_causal_lm_loss", "SPLoss", "shift_labels", "cu_seqlens_from_position_ids",
+           "attention_forward", "ATTN_IMPLEMENTATION"]
+
+#: the name under which the attention function is registered with transformers
+ATTN_IMPLEMENTATION = "seqpar"
+#: first transformers release whose mask builders (masking_utils) skip unknown attention implementations
+MIN_TRANSFORMERS = (4, 53)
+
+#: layer types (config.layer_types) whose attention seqpar reproduces exactly
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: keywords HF may pass to an attention function that change what attention computes and seqpar cannot do
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping (config.attn_logit_softcapping must be None)",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "additive position biases (T5/ALiBi style)",
+    "cu_seq_lens_q": "HF's local flash-attention packing (cu_seq_lens_q/k): shard packed batches with "
+                     "seqpar.integrations.hf.shard_batch(position_ids=...) instead",
+    "cu_seq_lens_k": "HF's local flash-attention packing (cu_seq_lens_q/k): shard packed batches with "
+                     "seqpar.integrations.hf.shard_batch(position_ids=...) instead",
+}
+
+
+@dataclass(eq=False)
+class _Settings:
+    """What apply() chose for one model; stored on every submodule as ``_seqpar_settings``."""
+
+    mesh: Mesh
+    strategy: str
+    layout: str
+    name: str  # model class, for messages
+    expected_calls: int | None  # attention calls per forward (decoder layers), when known
+    calls: int = 0  # attention calls in the current forward (reset by the pre-hook)
+    hooks: list = field(default_factory=list)
+
+    def __deepcopy__(self, memo: dict) -> _Settings:
+        return self  # process groups cannot be copied: a deep copy of the model shares its mesh and hooks' state
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, is_causal: bool | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, None]:
+    """The seqpar attention function transformers calls (registered as ``"seqpar"``).
+
+    Args:
+        module: the HF attention module (``is_causal``, and the settings apply() put on it).
+        query: ``[B, H, S/sp, D]``; key, value: ``[B, Hkv, S/sp, D]`` (this rank's tokens).
+        attention_mask: must be None (see the module docs: HF builds no mask for "seqpar").
+        scaling: softmax scale (the module's; None = 1/sqrt(D)).
+        dropout: must be 0.
+        sliding_window: HF's window size W (key j visible to query i iff i - W < j <= i), or None.
+        kwargs: HF's per-call keywords; ``seqpar_info`` from shard_batch is used, the
+            ones in ``_UNSUPPORTED_KWARGS`` are refused when set.
+
+    Returns:
+        ``(out [B, S/sp, H, D], None)``: HF's convention (attention weights are never materialised).
+
+    Communication: that of the strategy chosen in apply() over ``mesh.sp_group``.
+    """
+    s: _Settings | None = getattr(module, "_seqpar_settings", None)
+    check(s is not None, ConfigError,
+          f"{type(module).__name__} runs attn_implementation='seqpar' but its model was not prepared: call "
+          f"seqpar.integrations.hf.apply(model, mesh) (it also sets up the mesh, strategy and input checks)")
+    check(attention_mask is None, ConfigError,
+          f"{s.name}: an attention_mask of shape {tuple(getattr(attention_mask, 'shape', ()))} reached the seqpar "
+          f"attention: padding masks cannot be applied to a sharded sequence; drop padding and pack documents "
+          f"(shard_batch with position_ids restarting at 0), and call the model prepared by apply()")
+    check(not dropout, ConfigError,
+          f"{s.name}: attention dropout {dropout} is not supported by seqpar.attention: set the config's "
+          f"attention dropout (attention_dropout, attn_pdrop, ...) to 0.0")
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        check(kwargs.get(name) is None, ConfigError, f"{s.name}: seqpar attention does not support {what}")
+    check(not kwargs.get("output_attentions"), ConfigError,
+          f"{s.name}: output_attentions=True needs the full attention matrix, which seqpar never materialises: "
+          f"drop output_attentions")
+    check(key.shape[2] == query.shape[2], ConfigError,
+          f"{s.name}: {key.shape[2]} keys for {query.shape[2]} queries (a KV cache?): seqpar attention runs "
+          f"training/prefill over a sharded sequence; generation with a cache is not supported here")
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    n = s.mesh.sp
+    local = query.shape[2]
+    info = batch_info(kwargs.get(INFO_KEY), s.mesh, s.layout, local)
+    window = None
+    if sliding_window is not None:
+        check(causal, ConfigError,
+              f"{s.name}: a bidirectional sliding window (is_causal=False with sliding_window) is not "
+              f"supported: seqpar's window follows HF's causal semantics only")
+        check(int(sliding_window) >= 1, ConfigError, f"{s.name}: sliding_window={sliding_window} must be >= 1")
+        cu = info.padded_cu_seqlens if info is not None else (0, local * n)
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if int(sliding_window) < longest:  # a window as long as every document is no window (cheaper plan)
+            window = (int(sliding_window) - 1, 0)
+    s.calls += 1
+    # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                    strategy=s.strategy, mesh=s.mesh, layout=s.layout, seq_info=info, scale=scaling,
+                    window=window)
+    return out, None
+
+
+def _binder(module: nn.Module):
+    """``bind(args, kwargs) -> {name: value}`` for module.forward (HF forwards take no positional-only args)."""
+    sig = inspect.signature(module.forward)  # once: follows functools.wraps through HF's decorators
+    var_kw = {n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD}
+
+    def bind(args: tuple, kwargs: dict) -> dict[str, Any]:
+        if not args:
+            return dict(kwargs)
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError:  # let the model's own call report bad arguments
+            return dict(kwargs)
+        out: dict[str, Any] = {}
+        for name, val in bound.arguments.items():
+            if name in var_kw:
+                out.update(val)
+            else:
+                out[name] = val
+        return out
+    return bind
+
+
+def _top_pre_hook(s: _Settings, module: nn.Module):
+    bind = _binder(module)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        call = bind(args, kwargs)
+        check(call.get("labels") is None or call.get("shift_labels") is not None, ConfigError,
+              f"{s.name} got labels without shift_labels: HF would shift them on each shard, so every shard's "
+              f"last token would lose its target; pass the batch from seqpar.integrations.hf.shard_batch (labels "
+              f"shifted before sharding, with shift_labels) and use sp_causal_lm_loss for the exact global loss")
+        return None
+    return hook
+
+
+def _base_pre_hook(s: _Settings, module: nn.Module):
+    bind = _binder(module)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        call = bind(args, kwargs)
+        mask = call.get("attention_mask")
+        if mask is not None:
+            check(isinstance(mask, torch.Tensor) and mask.dim() == 2, ConfigError,
+                  f"{s.name}: a custom {getattr(mask, 'dim', lambda: '?')()}-D attention_mask cannot be applied to "
+                  f"a sharded sequence: seqpar applies the causal (and document/window) mask itself; drop it")
+            check(bool(mask.bool().all()), ConfigError,
+                  f"{s.name}: a padding attention_mask is not supported with sequence parallelism: pack the "
+                  f"sequences into one row with position_ids restarting at 0 at each document instead (shard_batch "
+                  f"turns them into cu_seqlens); right padding alone needs no mask in a causal LM: drop the mask "
+                  f"and set its labels to -100")
+            call["attention_mask"] = None  # all ones: nothing to mask (HF would otherwise just pass it through)
+        output_attentions = call.get("output_attentions")
+        if output_attentions is None:
+            output_attentions = getattr(module.config, "output_attentions", False)
+        check(not output_attentions, ConfigError,
+              f"{s.name}: output_attentions=True needs the full attention matrix, which seqpar never "
+              f"materialises: drop output_attentions (and config.output_attentions)")
+        for name in ("cache", "past_key_values"):
+            check(call.get(name) is None, ConfigError,
+                  f"{s.name}: a KV cache ({name}=) is not supported by the sequence-parallel HF integration "
+                  f"(training/prefill over a sharded sequence); generate with the unsharded model")
+        check(not call.get("use_cache"), ConfigError,
+              f"{s.name}: use_cache=True is not supported with sequence parallelism (training only)")
+        call["use_cache"] = False  # HF defaults it from config.use_cache; a cache of local K/V is useless here
+        s.calls = 0
+        return (), call
+    return hook
+
+
+def _base_post_hook(s: _Settings):
+    def hook(module: nn.Module, args: tuple, output: Any):
+        check(s.calls > 0, ConfigError,
+              f"{s.name}: no attention layer called the seqpar attention function: this architecture does not "
+              f"route attention through transformers' AttentionInterface, so it cannot run sequence-parallel")
+        check(s.expected_calls is None or s.calls >= s.expected_calls, ConfigError,
+              f"{s.name}: only {s.calls} of {s.expected_calls} decoder layers called the seqpar attention "
+              f"function: the other layers mix tokens another way and would only see their local shard")
+        return None
+    return hook
+
+
+def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", layout: str = "zigzag") -> nn.Module:
+    """Make a Hugging Face causal LM run sequence-parallel attention over ``mesh.sp_group``.
+
+    Registers :func:`attention_forward` as attention implementation ``"seqpar"``
+    (``transformers.AttentionInterface.register``), switches ``model`` to it
+    (``model.set_attn_implementation``), stores ``mesh``/``strategy``/``layout`` on
+    the model's modules and installs forward hooks that check the inputs
+    (padding masks, caches, ``output_attentions``, unshifted labels) and, after
+    each forward, that every decoder layer's attention went through seqpar.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` (e.g. ``LlamaForCausalLM``); changed in place.
+        mesh: the dp x sp mesh (default: the default mesh; tp must be 1).
+        strategy: ``ring``, ``ulysses``, ``allgather``, ``usp`` or ``ring_qk_av`` (see seqpar.attention).
+        layout: the sequence layout the batches are sharded in (``shard_batch(..., layout=)``).
+
+    Returns:
+        ``model`` (calling apply again replaces the previous settings).
+
+    No communication.  Raises ConfigError for models or settings it cannot run exactly.
+    """
+    try:
+        import transformers
+        from transformers import AttentionInterface, PreTrainedModel
+    except ImportError as e:  # pragma: no cover - exercised only without transformers
+        raise ConfigError("the Hugging Face integration needs transformers: pip install 'transformers>=4.53'") from e
+    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    check(version >= MIN_TRANSFORMERS, ConfigError,
+          f"transformers {transformers.__version__} builds local causal masks for custom attention functions; "
+          f"the seqpar integration needs transformers>={'.'.join(map(str, MIN_TRANSFORMERS))} (masking_utils)")
+    mesh = resolve_mesh(mesh)
+    check_mesh(mesh)
+    check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
+    check(strategy != "usp" or (mesh.ulysses > 1 and mesh.ring > 1), ConfigError,
+          f"strategy='usp' needs a 2-D mesh (seqpar.init(sp=N, ulysses=u) with 1 < u < N), got {mesh}")
+    get_layout(layout)
+    check(isinstance(model, PreTrainedModel), ConfigError,
+          f"apply() takes a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
+    config = model.config
+    check(not getattr(config, "is_encoder_decoder", False), ConfigError,
+          f"{name} is an encoder-decoder: only decoder-only causal LMs are supported")
+    layer_types = getattr(config, "layer_types", None) or []
+    bad = sorted(set(layer_types) - set(_LAYER_TYPES))
+    check(not bad, ConfigError,
+          f"{name} has layer types {bad}: seqpar attention reproduces only {list(_LAYER_TYPES)}; "
+          f"these layers would see only their local shard of the sequence")
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    check(can_set is None or can_set(), ConfigError,
+          f"{name} does not route attention through transformers' AttentionInterface "
+          f"(transformers {transformers.__version__}), so seqpar cannot replace its attention")
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    # masks: an implementation without a mask function makes create_causal_mask return the user's mask as is
+    # (None after our pre-hook); a mask function under our name would make HF build local [S/sp, S/sp] masks
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    check(ATTN_IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS, ConfigError,
+          f"a mask function is registered under {ATTN_IMPLEMENTATION!r} in transformers' AttentionMaskInterface: "
+          f"HF would build local masks; unregister it")
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - transformers without set_attn_implementation
+        config._attn_implementation = ATTN_IMPLEMENTATION
+    check(config._attn_implementation == ATTN_IMPLEMENTATION, ConfigError,
+          f"{name} refused attn_implementation={ATTN_IMPLEMENTATION!r} (it is "
+          f"{config._attn_implementation!r}): this architecture does not use transformers' AttentionInterface")
+
+    old: _Settings | None = getattr(model, "_seqpar_settings", None)
+    if old is not None:
+        for h in old.hooks:
+            h.remove()
+    layers = getattr(config, "num_hidden_layers", None)
+    s = _Settings(mesh=mesh, strategy=strategy, layout=layout, name=name,
+                  expected_calls=layers if isinstance(layers, int) and layers > 0 else None)
+    for m in model.modules():  # plain attribute: survives deepcopy, ignored by state_dict
+        m._seqpar_settings = s
+    base = getattr(model, "base_model", model)
+    if base is not model:  # a bare base model takes no labels
+        s.hooks.append(model.register_forward_pre_hook(_top_pre_hook(s, model), with_kwargs=True))
+    s.hooks.append(base.register_forward_pre_hook(_base_pre_hook(s, base), with_kwargs=True))
+    s.hooks.append(base.register_forward_hook(_base_post_hook(s)))
+    return model

@@ -211,71 +211,67 @@ class LlamaForCausalLM(nn.Module):
         N(0, std).  One full tensor at a time is materialised; no communication."""
         self.load_full_state_dict(_LazyInit(self.full_shapes(), seed, std, self.embed.weight.dtype))
 
-    def _fused_rows(self):
-        """Row orders of the fused qkv and gate_up weights for this tp degree."""
-        cfg, t = self.config, self.mesh.tp
-        h, hkv, d, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.ffn_hidden_size
-        return h, hkv, d, f, t
+    def entries(self, source=None) -> list["StateEntry"]:
+        """Every single-device tensor as this tp rank holds it: chunk ``tp_rank`` along ``dim``.
 
-    def load_full_state_dict(self, sd: dict[str, torch.Tensor], target=None) -> None:
-        """Load single-device weights (names of :meth:`full_state_dict`), keeping this rank's shards.
-
-        ``target(param)`` picks the tensor to fill instead of the parameter itself (e.g. an
-        optimizer moment shaped like it), so optimizer state reshards the same way.  No communication.
+        ``source(param)`` picks what to read/write instead of the parameter (its grad, an
+        optimizer moment).  One table serves gathering, loading and sharded checkpoints.
         """
-        target = target or (lambda p: p)
-        h, hkv, d, f, t = self._fused_rows()
-        g = h // hkv
-        tp_r = self.mesh.rank("tp")
-
-        def put(param, full, dim):
-            with torch.no_grad():
-                target(param).copy_(full if dim is None else full.chunk(t, dim)[tp_r])
-
-        put(self.embed.weight, sd["embed.weight"], 0)
+        source = source or (lambda p: p)
+        c, g = self.config, self.config.num_attention_heads // self.config.num_key_value_heads
+        d, hid = c.head_dim, c.hidden_size
+        out = [StateEntry("embed.weight", source(self.embed.weight), 0)]
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
-            q = sd[p + "q_proj.weight"].view(hkv, g * d, -1)
-            k, v = sd[p + "k_proj.weight"].view(hkv, d, -1), sd[p + "v_proj.weight"].view(hkv, d, -1)
-            put(layer.attn.qkv.weight, torch.cat([q, k, v], dim=1).flatten(0, 1), 0)
-            put(layer.attn.o.weight, sd[p + "o_proj.weight"], 1)
-            gate, up = sd[p + "gate.weight"].view(t, f // t, -1), sd[p + "up.weight"].view(t, f // t, -1)
-            put(layer.mlp.gate_up.weight, torch.cat([gate, up], dim=1).flatten(0, 1), 0)
-            put(layer.mlp.down.weight, sd[p + "down.weight"], 1)
-            put(layer.attn_norm.weight, sd[p + "attn_norm.weight"], None)
-            put(layer.mlp_norm.weight, sd[p + "mlp_norm.weight"], None)
-        put(self.norm.weight, sd["norm.weight"], None)
-        if not self.config.tied_embeddings:
-            put(self.lm_head.weight, sd["lm_head.weight"], 0)
+            # fused rows per kv group: [q heads of the group, k, v]; this rank holds Hkv/t groups
+            qkv = source(layer.attn.qkv.weight).view(-1, g + 2, d, hid)
+            gu = source(layer.mlp.gate_up.weight).view(2, -1, hid)  # this rank's [gate_r; up_r]
+            out += [StateEntry(p + "q_proj.weight", qkv[:, :g], 0), StateEntry(p + "k_proj.weight", qkv[:, g], 0),
+                    StateEntry(p + "v_proj.weight", qkv[:, g + 1], 0),
+                    StateEntry(p + "o_proj.weight", source(layer.attn.o.weight), 1),
+                    StateEntry(p + "gate.weight", gu[0], 0), StateEntry(p + "up.weight", gu[1], 0),
+                    StateEntry(p + "down.weight", source(layer.mlp.down.weight), 1),
+                    StateEntry(p + "attn_norm.weight", source(layer.attn_norm.weight), None),
+                    StateEntry(p + "mlp_norm.weight", source(layer.mlp_norm.weight), None)]
+        out.append(StateEntry("norm.weight", source(self.norm.weight), None))
+        if not c.tied_embeddings:
+            out.append(StateEntry("lm_head.weight", source(self.lm_head.weight), 0))
+        return out
+
+    def load_full_state_dict(self, sd, target=None) -> None:
+        """Load single-device tensors (names of :meth:`full_state_dict`), keeping this rank's shards.
+
+        ``target(param)`` picks the tensor to fill instead of the parameter (e.g. an optimizer
+        moment shaped like it), so optimizer state reshards the same way.  No communication.
+        """
+        t, r = self.mesh.tp, self.mesh.rank("tp")
+        for e in self.entries(target):
+            full = sd[e.name]
+            e.set(full if e.dim is None else full.chunk(t, e.dim)[r])
 
     def full_state_dict(self, grads: bool = False, source=None) -> dict[str, torch.Tensor]:
-        """Single-device weights (or their gradients, or ``source(param)``) gathered over tp.
+        """Single-device tensors (weights, their gradients, or ``source(param)``) gathered over tp.
 
         A collective over the tp group: every tp rank must call it.
         """
         source = source or ((lambda p: p.grad) if grads else (lambda p: p))
-        h, hkv, d, f, t = self._fused_rows()
-        g = h // hkv
         group = self.mesh.tp_group
+        with torch.no_grad():
+            return {e.name: e.get().clone() if e.dim is None else comm._all_gather(e.get(), e.dim, group)
+                    for e in self.entries(source)}
 
-        def get(param, dim):
-            x = source(param).detach()
-            return x.clone() if dim is None else comm._all_gather(x, dim, group)
 
-        sd = {"embed.weight": get(self.embed.weight, 0)}
-        for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            qkv = get(layer.attn.qkv.weight, 0).view(hkv, (g + 2) * d, -1)
-            sd[p + "q_proj.weight"] = qkv[:, :g * d].reshape(h * d, -1)
-            sd[p + "k_proj.weight"] = qkv[:, g * d:(g + 1) * d].reshape(hkv * d, -1)
-            sd[p + "v_proj.weight"] = qkv[:, (g + 1) * d:].reshape(hkv * d, -1)
-            sd[p + "o_proj.weight"] = get(layer.attn.o.weight, 1)
-            gu = get(layer.mlp.gate_up.weight, 0).view(t, 2, f // t, -1)
-            sd[p + "gate.weight"], sd[p + "up.weight"] = gu[:, 0].reshape(f, -1), gu[:, 1].reshape(f, -1)
-            sd[p + "down.weight"] = get(layer.mlp.down.weight, 1)
-            sd[p + "attn_norm.weight"] = get(layer.attn_norm.weight, None)
-            sd[p + "mlp_norm.weight"] = get(layer.mlp_norm.weight, None)
-        sd["norm.weight"] = get(self.norm.weight, None)
-        if not self.config.tied_embeddings:
-            sd["lm_head.weight"] = get(self.lm_head.weight, 0)
-        return sd
+class StateEntry:
+    """One single-device tensor's local shard: ``view`` of the (fused) parameter, split along ``dim``."""
+
+    def __init__(self, name: str, view: torch.Tensor, dim: int | None):
+        self.name, self.view, self.dim = name, view, dim
+
+    def get(self) -> torch.Tensor:
+        """The shard as a 2-D (or 1-D) tensor laid out like the single-device one (a copy when fused)."""
+        v = self.view.detach()
+        return v.reshape(-1, v.shape[-1]) if v.dim() > 2 else v
+
+    def set(self, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.view.copy_(value.reshape(self.view.shape))

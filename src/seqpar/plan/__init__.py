@@ -21,15 +21,23 @@ recommends the fastest (:mod:`seqpar.plan.planner`).
 
 Units: bytes (GB = 1e9 bytes), seconds, FLOPs; bandwidths in GB/s.
 
+The module itself is callable, so that ``seqpar.plan(...)`` is the planner
+(the API of the design notes) while ``seqpar.plan.activation_memory_per_layer``
+and the other functions stay reachable as attributes.
+
 Example::
 
-    >>> from seqpar.plan import plan
-    >>> p = plan("llama3-8b", seq_len=131072, n_gpus=32)
+    >>> import seqpar.plan
+    >>> p = seqpar.plan("llama3-8b", seq_len=131072, n_gpus=32)   # == seqpar.plan.plan(...)
     >>> p.recommended.label, p.reason
     >>> print(p.table(limit=10))
 """
+import sys as _sys
+import types as _types
+
 from seqpar.plan.comm import (CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes,
                               comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes)
+from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
                                 group_spans_nodes, resolve_layout)
 from seqpar.plan.memory import (GB, MemoryBreakdown, activation_memory, activation_memory_per_layer,
@@ -39,7 +47,7 @@ from seqpar.plan.planner import Candidate, Plan, Settings, evaluate, plan
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, layer_flops
 
 __all__ = [
-    "ATTENTION_KERNELS", "RECOMPUTE_MODES", "SP_STRATEGIES", "STRATEGIES", "GB",
+    "ATTENTION_KERNELS", "IMPLEMENTATIONS", "RECOMPUTE_MODES", "SP_STRATEGIES", "STRATEGIES", "GB",
     "Layout", "resolve_layout", "group_spans_nodes",
     "hidden_state_bytes", "activation_terms_per_layer", "activation_memory_per_layer",
     "non_layer_activation_terms", "activation_memory", "parameter_count", "model_state_memory",
@@ -49,3 +57,16 @@ __all__ = [
     "Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time",
     "Candidate", "Plan", "Settings", "evaluate", "plan",
 ]
+
+
+class _CallableModule(_types.ModuleType):
+    """This package's module type: calling the module calls :func:`plan`."""
+
+    def __call__(self, model, seq_len, n_gpus, **kwargs) -> Plan:
+        """``seqpar.plan(model, seq_len, n_gpus, ...)``: see :func:`seqpar.plan.plan`."""
+        return plan(model, seq_len, n_gpus, **kwargs)
+
+
+# Swapping the class keeps this very module object (and everything already imported from it):
+# no proxy in sys.modules, and `import seqpar.plan` / `from seqpar.plan import x` behave as usual.
+_sys.modules[__name__].__class__ = _CallableModule

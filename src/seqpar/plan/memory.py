@@ -53,6 +53,11 @@ projection input (``p*s*b*h`` each) and the fp32 logits for the cross entropy
 (``4*s*b*v``), i.e. the paper's ``sbh/t + 4sbh/t*(1 + v/h)`` with sequence
 parallelism. Temporary buffers (communication buffers, gathered weights of
 ZeRO-3, kernel workspaces) are not counted.
+
+``implementation="seqpar"`` replaces all of the above with what seqpar's own
+Llama-style model stores, tensor by tensor (:mod:`seqpar.plan.implementation`):
+fused attention with its log-sum-exp, RoPE tables, RMSNorm internals, SwiGLU as
+written and GQA. ``"paper"`` stays the default.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ from typing import Any
 
 from seqpar.configs import ModelConfig, ModelLike, get_config
 from seqpar.errors import ConfigError, check
+from seqpar.plan.implementation import IMPLEMENTATIONS, seqpar_layer_terms, seqpar_non_layer_terms
 from seqpar.plan.layout import ATTENTION_KERNELS, RECOMPUTE_MODES, Layout, resolve_layout
 
 __all__ = [
@@ -73,6 +79,7 @@ __all__ = [
     "parameter_count",
     "model_state_memory",
     "MemoryBreakdown",
+    "IMPLEMENTATIONS",
 ]
 
 GB = 1e9  #: bytes per GB (decimal, as GPU vendors and the design notes use)
@@ -90,7 +97,9 @@ def hidden_state_bytes(model: ModelLike, seq_len: int, micro_batch: int, *, sp: 
     return dtype_bytes * micro_batch * (seq_len // sp) * cfg.hidden_size
 
 
-def _check_modes(recompute: str, attention_kernel: str, dtype_bytes: int) -> None:
+def _check_modes(recompute: str, attention_kernel: str, dtype_bytes: int, implementation: str = "paper") -> None:
+    check(implementation in IMPLEMENTATIONS, ConfigError,
+          f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     check(recompute in RECOMPUTE_MODES, ConfigError,
           f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     check(attention_kernel in ATTENTION_KERNELS, ConfigError,
@@ -100,7 +109,9 @@ def _check_modes(recompute: str, attention_kernel: str, dtype_bytes: int) -> Non
 
 
 def _terms(cfg: ModelConfig, lay: Layout, recompute: str, dtype_bytes: int, attention_kernel: str,
-           dropout: bool) -> dict[str, int]:
+           dropout: bool, implementation: str = "paper", causal: bool = True) -> dict[str, int]:
+    if implementation == "seqpar":
+        return seqpar_layer_terms(cfg, lay, recompute, dtype_bytes, causal)
     p, b, h, d = dtype_bytes, lay.micro_batch, cfg.hidden_size, cfg.d
     rep = b * lay.s_replicated  # token-rows of TP-replicated tensors
     loc = b * lay.s_local       # token-rows of TP-sharded tensors
@@ -135,10 +146,10 @@ def _kv_elems(lay: Layout) -> int:
 
 def _layout_and_flags(model: ModelLike, seq_len: int, micro_batch: int, tp: int, sequence_parallel: bool,
                       recompute: str, dtype_bytes: int, sp: int, strategy: str | None,
-                      ulysses: int | None, attention_kernel: str,
-                      dropout: bool | None) -> tuple[ModelConfig, Layout, bool]:
+                      ulysses: int | None, attention_kernel: str, dropout: bool | None,
+                      implementation: str = "paper") -> tuple[ModelConfig, Layout, bool]:
     cfg = get_config(model)
-    _check_modes(recompute, attention_kernel, dtype_bytes)
+    _check_modes(recompute, attention_kernel, dtype_bytes, implementation)
     lay = resolve_layout(cfg, seq_len, micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
                          sequence_parallel=sequence_parallel)
     drop = cfg.dropout > 0 if dropout is None else bool(dropout)
@@ -149,17 +160,19 @@ def activation_terms_per_layer(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
+    implementation: str = "paper", causal: bool = True,
 ) -> dict[str, int]:
     """Named stored tensors of one layer on one GPU, in bytes (see module docstring)."""
     c, lay, drop = _layout_and_flags(cfg, seq_len, micro_batch, tp, sequence_parallel, recompute, dtype_bytes,
-                                     sp, strategy, ulysses, attention_kernel, dropout)
-    return _terms(c, lay, recompute, dtype_bytes, attention_kernel, drop)
+                                     sp, strategy, ulysses, attention_kernel, dropout, implementation)
+    return _terms(c, lay, recompute, dtype_bytes, attention_kernel, drop, implementation, causal)
 
 
 def activation_memory_per_layer(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
+    implementation: str = "paper", causal: bool = True,
 ) -> int:
     """Activation bytes one transformer layer keeps for backward, per GPU.
 
@@ -183,19 +196,25 @@ def activation_memory_per_layer(
         ulysses: Ulysses degree ``u`` for ``strategy="usp"`` (ring = sp/u).
         attention_kernel: ``"math"`` (stores scores; the paper) or ``"flash"``.
         dropout: store dropout masks; ``None`` uses ``cfg.dropout > 0``.
+        implementation: ``"paper"`` (Korthikanti et al.'s GPT layer) or
+            ``"seqpar"`` (what :class:`seqpar.models.LlamaForCausalLM` stores,
+            see :mod:`seqpar.plan.implementation`).
+        causal: causal attention (only the ``seqpar`` Ulysses accounting
+            depends on it: the zigzag permutation).
 
     Returns:
         Bytes, an exact integer.
     """
     return sum(activation_terms_per_layer(
         cfg, seq_len, micro_batch, tp, sequence_parallel, recompute, dtype_bytes, sp, strategy,
-        ulysses=ulysses, attention_kernel=attention_kernel, dropout=dropout).values())
+        ulysses=ulysses, attention_kernel=attention_kernel, dropout=dropout, implementation=implementation,
+        causal=causal).values())
 
 
 def non_layer_activation_terms(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *, ulysses: int | None = None,
-    dropout: bool | None = None,
+    dropout: bool | None = None, implementation: str = "paper", causal: bool = True,
 ) -> dict[str, int]:
     """Activation bytes outside the layers, per GPU (paper section 4.3, no pipeline).
 
@@ -203,13 +222,17 @@ def non_layer_activation_terms(
     and ``output_input`` (``p*s*b*h`` each) and ``logits_fp32``
     (``4*s*b*ceil(v/t)``: vocab-parallel fp32 logits kept by the cross entropy).
     The first three are divided by ``t`` with sequence parallelism, all by ``sp``.
+    ``implementation="seqpar"``: see :func:`seqpar.plan.implementation.seqpar_non_layer_terms`.
     """
     c, lay, drop = _layout_and_flags(cfg, seq_len, micro_batch, tp, sequence_parallel, "none", dtype_bytes,
-                                     sp, strategy, ulysses, "math", dropout)
-    return _non_layer_terms(c, lay, dtype_bytes, drop)
+                                     sp, strategy, ulysses, "math", dropout, implementation)
+    return _non_layer_terms(c, lay, dtype_bytes, drop, implementation, causal)
 
 
-def _non_layer_terms(c: ModelConfig, lay: Layout, dtype_bytes: int, drop: bool) -> dict[str, int]:
+def _non_layer_terms(c: ModelConfig, lay: Layout, dtype_bytes: int, drop: bool,
+                     implementation: str = "paper", causal: bool = True) -> dict[str, int]:
+    if implementation == "seqpar":
+        return seqpar_non_layer_terms(c, lay, dtype_bytes, causal)
     p, h, b = dtype_bytes, c.hidden_size, lay.micro_batch
     rep = b * lay.s_replicated
     return {
@@ -224,14 +247,17 @@ def activation_memory(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
+    implementation: str = "paper", causal: bool = True,
 ) -> int:
     """Total activation bytes per GPU: ``L * per_layer + non_layer`` terms."""
     c = get_config(cfg)
     per_layer = activation_memory_per_layer(c, seq_len, micro_batch, tp, sequence_parallel, recompute,
                                             dtype_bytes, sp, strategy, ulysses=ulysses,
-                                            attention_kernel=attention_kernel, dropout=dropout)
+                                            attention_kernel=attention_kernel, dropout=dropout,
+                                            implementation=implementation, causal=causal)
     extra = non_layer_activation_terms(c, seq_len, micro_batch, tp, sequence_parallel, dtype_bytes, sp,
-                                       strategy, ulysses=ulysses, dropout=dropout)
+                                       strategy, ulysses=ulysses, dropout=dropout, implementation=implementation,
+                                       causal=causal)
     return c.num_layers * per_layer + sum(extra.values())
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 from seqpar.configs import ModelConfig, ModelLike, get_config
 from seqpar.errors import ConfigError, check
 from seqpar.plan.comm import CommVolume, dp_comm_bytes, layer_transfers
+from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
                                 divisors, group_spans_nodes, resolve_layout)
 from seqpar.plan.memory import GB, MemoryBreakdown, _non_layer_terms, _terms, model_state_memory
@@ -41,12 +42,15 @@ class Settings:
     grad_bytes: int = 2
     optimizer_bytes: int = 12
     hardware: Hardware = field(default_factory=Hardware)
+    implementation: str = "paper"
 
     def __post_init__(self) -> None:
         check(self.recompute in RECOMPUTE_MODES, ConfigError,
               f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         check(self.attention_kernel in ATTENTION_KERNELS, ConfigError,
               f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+        check(self.implementation in IMPLEMENTATIONS, ConfigError,
+              f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         check(self.zero_stage in (0, 1, 2, 3), ConfigError, f"zero_stage must be 0-3, got {self.zero_stage!r}")
         check(self.gpu_memory_gb > 0, ConfigError, f"gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
         check(isinstance(self.micro_batch, int) and self.micro_batch > 0, ConfigError,
@@ -174,8 +178,9 @@ def _explain(cfg: ModelConfig, lay: Layout, t: TimeEstimate, st: Settings) -> st
 
 def _cost(cfg: ModelConfig, lay: Layout, dp: int, st: Settings) -> Candidate:
     drop = cfg.dropout > 0 if st.dropout is None else bool(st.dropout)
-    per_layer = sum(_terms(cfg, lay, st.recompute, st.dtype_bytes, st.attention_kernel, drop).values())
-    extra = sum(_non_layer_terms(cfg, lay, st.dtype_bytes, drop).values())
+    per_layer = sum(_terms(cfg, lay, st.recompute, st.dtype_bytes, st.attention_kernel, drop, st.implementation,
+                           st.causal).values())
+    extra = sum(_non_layer_terms(cfg, lay, st.dtype_bytes, drop, st.implementation, st.causal).values())
     ms = model_state_memory(cfg, lay.tp, dp, lay.sp, st.zero_stage, param_bytes=st.param_bytes,
                             grad_bytes=st.grad_bytes, optimizer_bytes=st.optimizer_bytes)
     mem = MemoryBreakdown(activations=cfg.num_layers * per_layer + extra, parameters=ms["parameters"],
@@ -221,13 +226,13 @@ def _candidate(cfg: ModelConfig, seq_len: int, strategy: str, tp: int, sp: int, 
 def _settings(micro_batch: int, gpu_memory_gb: float, sequence_parallel: bool, dtype_bytes: int, recompute: str,
               attention_kernel: str, dropout: bool | None, causal: bool, zero_stage: int, param_bytes: int,
               grad_bytes: int, optimizer_bytes: int, node_size: int, nvlink_gbps: float, ib_gbps: float,
-              peak_tflops: float, utilization: float) -> Settings:
+              peak_tflops: float, utilization: float, implementation: str = "paper") -> Settings:
     return Settings(micro_batch=micro_batch, gpu_memory_gb=gpu_memory_gb, sequence_parallel=sequence_parallel,
                     dtype_bytes=dtype_bytes, recompute=recompute, attention_kernel=attention_kernel,
                     dropout=dropout, causal=causal, zero_stage=zero_stage, param_bytes=param_bytes,
                     grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
                     hardware=Hardware(peak_tflops=peak_tflops, utilization=utilization, nvlink_gbps=nvlink_gbps,
-                                      ib_gbps=ib_gbps, node_size=node_size))
+                                      ib_gbps=ib_gbps, node_size=node_size), implementation=implementation)
 
 
 def evaluate(
@@ -236,7 +241,7 @@ def evaluate(
     dtype_bytes: int = 2, recompute: str = "selective", attention_kernel: str = "math",
     dropout: bool | None = None, causal: bool = True, zero_stage: int = 1, param_bytes: int = 2,
     grad_bytes: int = 2, optimizer_bytes: int = 12, node_size: int = 8, nvlink_gbps: float = 450.0,
-    ib_gbps: float = 50.0, peak_tflops: float = 989.0, utilization: float = 0.5,
+    ib_gbps: float = 50.0, peak_tflops: float = 989.0, utilization: float = 0.5, implementation: str = "paper",
 ) -> Candidate:
     """Cost one layout on ``tp * sp * dp`` GPUs.
 
@@ -248,7 +253,7 @@ def evaluate(
     cfg = get_config(model)
     st = _settings(micro_batch, gpu_memory_gb, sequence_parallel, dtype_bytes, recompute, attention_kernel,
                    dropout, causal, zero_stage, param_bytes, grad_bytes, optimizer_bytes, node_size,
-                   nvlink_gbps, ib_gbps, peak_tflops, utilization)
+                   nvlink_gbps, ib_gbps, peak_tflops, utilization, implementation)
     if strategy is None:
         strategy = "none" if sp == 1 and tp == 1 else ("megatron" if sp == 1 else None)  # type: ignore[assignment]
     check(strategy is not None, ConfigError, f"sp={sp} > 1 needs a strategy, one of {SP_STRATEGIES}")
@@ -398,7 +403,7 @@ def plan(
     recompute: str = "selective", attention_kernel: str = "math", dropout: bool | None = None,
     causal: bool = True, zero_stage: int = 1, param_bytes: int = 2, grad_bytes: int = 2,
     optimizer_bytes: int = 12, node_size: int = 8, nvlink_gbps: float = 450.0, ib_gbps: float = 50.0,
-    peak_tflops: float = 989.0, utilization: float = 0.5,
+    peak_tflops: float = 989.0, utilization: float = 0.5, implementation: str = "paper",
 ) -> Plan:
     """Recommend a sequence-parallel layout for ``model`` at ``seq_len`` on ``n_gpus``.
 
@@ -421,6 +426,9 @@ def plan(
         node_size: GPUs per node.
         nvlink_gbps, ib_gbps: intra- / inter-node bandwidth per GPU, GB/s.
         peak_tflops, utilization: compute model.
+        implementation: activation accounting, ``"paper"`` (Korthikanti et
+            al.'s GPT layer, the default) or ``"seqpar"`` (what seqpar's own
+            Llama model stores: :mod:`seqpar.plan.implementation`).
 
     Returns:
         A :class:`Plan`; ``plan.recommended`` is the candidate with the
@@ -438,7 +446,7 @@ def plan(
         check(s_name in STRATEGIES, ConfigError, f"unknown strategy {s_name!r}; known: {', '.join(STRATEGIES)}")
     st = _settings(micro_batch, gpu_memory_gb, sequence_parallel, dtype_bytes, recompute, attention_kernel,
                    dropout, causal, zero_stage, param_bytes, grad_bytes, optimizer_bytes, node_size,
-                   nvlink_gbps, ib_gbps, peak_tflops, utilization)
+                   nvlink_gbps, ib_gbps, peak_tflops, utilization, implementation)
     combos = _enumerate(cfg, seq_len, n_gpus, tp, sp, ulysses, dp, strategies, node_size)
     check(bool(combos), ConfigError,
           f"no layout of {n_gpus} GPUs matches tp={tp}, sp={sp}, dp={dp}, ulysses={ulysses}, "

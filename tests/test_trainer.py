@@ -72,7 +72,11 @@ def crash_during_save(directory: str):
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+        if hasattr(f, "write"):
+            f.write(b"partial")
+            f.flush()
+        else:
+            Path(f).write_bytes(b"partial")
         os._exit(9)  # the process dies half-way through writing step 2
 
     torch.save = dying_save
@@ -95,7 +99,8 @@ def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
     model = LlamaForCausalLM("tiny", mesh=Mesh())
     opt = torch.optim.AdamW(model.parameters())
     path = save(tmp_path, model, opt, 5)
-    (path / "state.pt").write_bytes(b"garbage")
+    for f in path.glob("*.distcp"):
+        f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
         load(path, model, opt)
     (path / "COMPLETE").unlink()

@@ -89,3 +89,26 @@ def test_property_random_shapes(world, strategy, layout, causal, chunks, kv, gro
     ref = sdpa_reference(q, k, v, do, causal)
     for key, r in zip(["out", "dq", "dk", "dv"], ref):
         assert max_err(assemble(res, key, shape[1]), r) < 5e-5, key
+
+
+def saved_by_strategy(strategy: str):
+    from seqpar.stats import saved_activations
+    from tests.helpers import mesh
+
+    mesh()
+    q = torch.randn(1, 64, 4, 16, requires_grad=True)
+    k = torch.randn(1, 64, 2, 16, requires_grad=True)
+    v = torch.randn(1, 64, 2, 16, requires_grad=True)
+    with saved_activations() as saved:
+        import seqpar
+
+        seqpar.attention(q, k, v, causal=True, strategy=strategy)
+    return saved.bytes
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_ring_and_allgather_keep_only_q_k_v_out_lse(pool, strategy):
+    """Activation memory O(S/N): exactly the local q, k, v, output and float32 lse are saved for backward."""
+    q_bytes, kv_bytes, lse_bytes = 64 * 4 * 16 * 4, 64 * 2 * 16 * 4, 4 * 64 * 4
+    for saved in pool(4).run(saved_by_strategy, strategy):
+        assert saved == 2 * q_bytes + 2 * kv_bytes + lse_bytes

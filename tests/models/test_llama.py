@@ -132,3 +132,33 @@ def test_fsdp2_over_dp_sp(pool, degrees, strategy):
     ref_losses, _ = _ref()
     for r in pool(4).run(train_fsdp, degrees, strategy):
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+
+
+def train_tied(degrees: dict, tied: bool):
+    import dataclasses
+
+    from seqpar.configs import get_config
+
+    cfg = dataclasses.replace(get_config("tiny"), tied_embeddings=tied)
+    m = mesh(**degrees) if degrees else Mesh()
+    model = LlamaForCausalLM(cfg, mesh=m, strategy="ring")
+    model.init_weights(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids, labels = _data()
+    ids_l, labels_l = (seqpar.shard(t, 1, mesh=m, pad_value=-100 if t is labels else 0) for t in (ids, labels))
+    losses = []
+    for _ in range(STEPS):
+        out = causal_lm_loss(model(ids_l), labels_l, m)
+        out.loss.backward()
+        sync_gradients(model, m)
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.value)
+    return losses
+
+
+def test_tied_embeddings_at_tp2_sp2(pool):
+    ref = train_tied({}, True)
+    assert ref != pytest.approx(train_tied({}, False))  # tying changes the model: the test can tell
+    for losses in pool(4).run(train_tied, {"tp": 2}, True):
+        assert losses == pytest.approx(ref, rel=1e-5)

@@ -139,6 +139,58 @@ def run_distributed(ns) -> None:
                 print(line, flush=True)
 
 
+def drift_rank(strategy: str, shape, seed: int):
+    """Worker task: bf16 shards through the strategy; returns output and grad shards with their positions."""
+    import seqpar
+    from seqpar.layout import get_layout
+
+    mesh = seqpar.get_mesh() or seqpar.init()
+    b, s, h, hkv, d = shape
+    q, k, v, do = _inputs(b, s, h, hkv, d, torch.float64, "cpu", seed)
+    idx = get_layout("zigzag").indices(s, mesh.sp, mesh.rank("sp"))
+    ql, kl, vl = (t[:, idx].bfloat16().requires_grad_() for t in (q, k, v))
+    out = seqpar.attention(ql, kl, vl, causal=True, strategy=strategy)
+    out.backward(do[:, idx].bfloat16())
+    return idx, [out.detach(), ql.grad, kl.grad, vl.grad]
+
+
+def run_drift(ns) -> None:
+    """bf16 error against float64 per world size, as a multiple of the single-device bf16 kernel's error."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import attention as this  # noqa: F401  (the module the ranks import)
+    from seqpar.workers import WorkerPool
+
+    shape = (ns.batch, ns.seq_lens[0], ns.heads, ns.kv_heads, ns.head_dim)
+    q, k, v, do = _inputs(*shape, torch.float64, "cpu", 0)
+
+    def sdpa(dtype):
+        qs, ks, vs = (t.to(dtype).transpose(1, 2).requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        o.backward(do.to(dtype).transpose(1, 2))
+        return [t.transpose(1, 2).double() for t in (o.detach(), qs.grad, ks.grad, vs.grad)]
+
+    exact, single = sdpa(torch.float64), sdpa(torch.bfloat16)
+    budget = [(a - e).abs().max().item() for a, e in zip(single, exact)]
+    print(f"# bf16 drift, causal zigzag, B={shape[0]} S={shape[1]} H={shape[2]} Hkv={shape[3]} D={shape[4]}: "
+          f"max |error| vs float64 / the single-device bf16 SDPA's (out, dq, dk, dv)")
+    print("| strategy | world | out | dq | dk | dv |")
+    print("|---|---|---|---|---|---|")
+    for strategy in ns.strategies:
+        for world in ns.worlds:
+            with WorkerPool(world) as pool:
+                res = pool.run(this.drift_rank, strategy, shape, 0)
+            ratios = []
+            for i, e in enumerate(exact):
+                full = torch.empty_like(e)
+                for idx, tensors in res:
+                    full[:, idx] = tensors[i].double()
+                ratios.append((full - e).abs().max().item() / budget[i])
+            print(f"| {strategy} | {world} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |", flush=True)
+
+
 def run_emulated_ring(ns) -> None:
     """Decomposition efficiency of one ring rank, on one device, no communication."""
     from seqpar.attention.ring import _backward_block, _empty_acc, _forward_block
@@ -216,13 +268,17 @@ def main() -> None:
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--emulate-ring", action="store_true", help="decomposition efficiency of one ring rank")
+    p.add_argument("--drift", action="store_true", help="bf16 error vs world size (first --seq-lens entry)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8], help="(drift) world sizes")
     p.add_argument("--mask", nargs="+", default=["causal", "full"], choices=("causal", "full"),
                    help="(emulate-ring) masks to measure")
     p.add_argument("--backward", action="store_true", help="(emulate-ring) time the backward loop too")
     p.add_argument("--backend", default="auto", help="(emulate-ring) local kernel: auto, cudnn, flash, ...")
     ns = p.parse_args()
     ns.mask = [m == "causal" for m in ns.mask]
-    if ns.emulate_ring:
+    if ns.drift:
+        run_drift(ns)
+    elif ns.emulate_ring:
         run_emulated_ring(ns)
     else:
         run_distributed(ns)

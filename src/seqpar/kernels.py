@@ -146,11 +146,21 @@ def _hide_dead_rows(out, lse, bias):
     return out, lse
 
 
-def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: torch.Tensor | None = None):
-    """One fused kernel call on a piece: returns (out BSHD input dtype, lse [B, H, Lq] float32).
+def _cpu_float32(*ts):
+    """On CPU the float32 flash kernels are faster than bf16/fp16 and round nothing between blocks:
+    half-precision pieces are computed in float32 (partial outputs and gradients stay float32
+    until the caller's final cast, so ring sums do not accumulate per-block rounding)."""
+    return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in ts]
 
+
+def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: torch.Tensor | None = None):
+    """One fused kernel call on a piece: returns (out BSHD, lse [B, H, Lq] float32).
+
+    ``out`` is in q's dtype on CUDA, float32 for half inputs on CPU (see :func:`_cpu_float32`).
     ``bias``: optional additive mask ``[Lq, Lk]`` (-inf hides a key), used instead of ``causal``.
     """
+    if backend == "cpu_flash":
+        q, k, v = _cpu_float32(q, k, v)
     if bias is not None:
         record_work(int((bias == 0).sum()))
         backend = _bias_backend(backend)
@@ -196,6 +206,8 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
     """
     # a row with no visible key anywhere has lse -inf; any finite stand-in gives p = 0 for it
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).contiguous()
+    if backend == "cpu_flash":
+        dout, q, k, v, out = _cpu_float32(dout, q, k, v, out)
     if bias is not None:
         backend = _bias_backend(backend)
         if backend == "math":
@@ -322,7 +334,9 @@ def _check_qkv(q, k, v) -> None:
 def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None):
     """Forward of one (q block, k block) pair under the offset mask (or ``bias``), no autograd.
 
-    Returns (out in q's dtype, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).
+    Returns (out, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).  ``out``
+    is in q's dtype or, where the kernel ran in float32 (half inputs on CPU), float32: callers
+    merging partial results keep it, others cast.
     """
     if bias is not None:
         return block_forward(q, k, v, causal=False, scale=scale, backend=backend, bias=bias.to(q.device))
@@ -336,7 +350,7 @@ def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float
     for p in pieces:
         o, l = block_forward(q[:, p.q], k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
         merge_into(acc_out[:, p.q], acc_lse[:, :, p.q], o, l)
-    return acc_out.to(q.dtype), acc_lse
+    return acc_out, acc_lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
@@ -370,6 +384,7 @@ class _AttentionWithLse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, causal_offset, scale, backend):
         out, lse = attention_forward(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, backend=backend)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, causal_offset, scale, backend)
         ctx.mark_non_differentiable(lse)

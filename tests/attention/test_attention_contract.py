@@ -52,8 +52,10 @@ def test_zigzag_balances_causal_work(pool, world):
 
 
 def test_bfloat16_drift_at_world_8(pool):
-    """At world 8 in bf16 the ring's error vs float64 stays within 1.5x the single-device bf16 kernel's."""
-    shape = (1, 256, 4, 2, 32)
+    """At world 8 in bf16 the ring's error vs float64 stays within 1.5x the single-device bf16 kernel's.
+
+    (Per-block bf16 rounding of partial dK/dV used to reach 2.4x at S=1024; blocks now stay float32.)"""
+    shape = (1, 1024, 8, 2, 64)
     q, k, v, do = qkv(shape, 1)
     exact = sdpa_reference(q, k, v, do, True)
     single = sdpa_reference(*(t.bfloat16() for t in (q, k, v, do)), True, dtype=torch.bfloat16)

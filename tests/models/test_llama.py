@@ -23,25 +23,30 @@ def _init_state(seed=0):
     return LlamaForCausalLM("tiny", mesh=Mesh()).full_state_dict()
 
 
-def train_parallel(degrees: dict, strategy: str, sequence_parallel: bool, layout: str = "zigzag"):
-    m = mesh(**degrees)
-    model = LlamaForCausalLM("tiny", mesh=m, strategy=strategy, layout=layout, sequence_parallel=sequence_parallel)
-    model.load_full_state_dict(_init_state())
+def _steps(model, m, ids, labels) -> list[float]:
+    """STEPS AdamW steps with the exact global loss and gradient sync; the losses."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    ids, labels = _data()
-    per = BATCH // m.dp
-    rows = slice(m.rank("dp") * per, (m.rank("dp") + 1) * per)
-    ids_l = seqpar.shard(ids[rows], 1, layout=layout, mesh=m)
-    labels_l = seqpar.shard(labels[rows], 1, layout=layout, mesh=m, pad_value=-100)
     losses = []
     for _ in range(STEPS):
-        out = causal_lm_loss(model(ids_l), labels_l, m)
+        out = causal_lm_loss(model(ids), labels, m)
         out.loss.backward()
         sync_gradients(model, m)
         opt.step()
         opt.zero_grad()
         losses.append(out.value)
-    return {"losses": losses, "state": model.full_state_dict()}
+    return losses
+
+
+def train_parallel(degrees: dict, strategy: str, sequence_parallel: bool, layout: str = "zigzag"):
+    m = mesh(**degrees)
+    model = LlamaForCausalLM("tiny", mesh=m, strategy=strategy, layout=layout, sequence_parallel=sequence_parallel)
+    model.load_full_state_dict(_init_state())
+    ids, labels = _data()
+    per = BATCH // m.dp
+    rows = slice(m.rank("dp") * per, (m.rank("dp") + 1) * per)
+    ids_l = seqpar.shard(ids[rows], 1, layout=layout, mesh=m)
+    labels_l = seqpar.shard(labels[rows], 1, layout=layout, mesh=m, pad_value=-100)
+    return {"losses": _steps(model, m, ids_l, labels_l), "state": model.full_state_dict()}
 
 
 def _reference():
@@ -143,18 +148,9 @@ def train_tied(degrees: dict, tied: bool):
     m = mesh(**degrees) if degrees else Mesh()
     model = LlamaForCausalLM(cfg, mesh=m, strategy="ring")
     model.init_weights(3)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ids, labels = _data()
     ids_l, labels_l = (seqpar.shard(t, 1, mesh=m, pad_value=-100 if t is labels else 0) for t in (ids, labels))
-    losses = []
-    for _ in range(STEPS):
-        out = causal_lm_loss(model(ids_l), labels_l, m)
-        out.loss.backward()
-        sync_gradients(model, m)
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.value)
-    return losses
+    return _steps(model, m, ids_l, labels_l)
 
 
 def test_tied_embeddings_at_tp2_sp2(pool):

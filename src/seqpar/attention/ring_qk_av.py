@@ -18,20 +18,11 @@ from __future__ import annotations
 import torch
 
 from ..comm import RingExchange
+from ..kernels import _expand_kv, _fold_kv_grad
 from ..masks import TokenMeta, _visible
 from ..mesh import group_rank, group_size
 
 __all__ = ["ring_qk_av_attention"]
-
-
-def _rep(x: torch.Tensor, heads: int) -> torch.Tensor:
-    r = heads // x.shape[2]
-    return x if r == 1 else x.repeat_interleave(r, dim=2)
-
-
-def _fold(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, s, h, d = g.shape
-    return g if h == kv_heads else g.view(b, s, kv_heads, h // kv_heads, d).sum(3)
 
 
 def _hidden(metas: list[TokenMeta], r: int, src: int, causal: bool, window, device) -> torch.Tensor:
@@ -49,7 +40,7 @@ class _RingQKAV(torch.autograd.Function):
         ring = RingExchange(group, mode)
         scores = q.new_empty((b, h, local, n * local), dtype=acc)
         for src, kb in ring.rotate(k):  # RingQK
-            s = torch.einsum("bihd,bjhd->bhij", qa, _rep(kb, h).to(acc)) * scale
+            s = torch.einsum("bihd,bjhd->bhij", qa, _expand_kv(kb, h).to(acc)) * scale
             if metas is not None:
                 s = s.masked_fill(_hidden(metas, r, src, causal, window, q.device), float("-inf"))
             scores[..., src * local:(src + 1) * local] = s
@@ -59,7 +50,7 @@ class _RingQKAV(torch.autograd.Function):
         del scores
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         for src, vb in ring.rotate(v):  # RingAV
-            out += torch.einsum("bhij,bjhd->bihd", probs[..., src * local:(src + 1) * local], _rep(vb, h).to(acc))
+            out += torch.einsum("bhij,bjhd->bihd", probs[..., src * local:(src + 1) * local], _expand_kv(vb, h).to(acc))
         ctx.save_for_backward(q, k, v, probs)
         ctx.args = (scale, group, mode)
         ctx.mark_non_differentiable(lse)
@@ -77,8 +68,8 @@ class _RingQKAV(torch.autograd.Function):
         carry = ring.carry()
         for src, vb in ring.rotate(v):  # dP = dO V^T per block; dV = P^T dO travels home
             blk = slice(src * local, (src + 1) * local)
-            dp[..., blk] = torch.einsum("bihd,bjhd->bhij", do, _rep(vb, h).to(acc))
-            carry.add(_fold(torch.einsum("bhij,bihd->bjhd", probs[..., blk], do), hkv).contiguous())
+            dp[..., blk] = torch.einsum("bihd,bjhd->bhij", do, _expand_kv(vb, h).to(acc))
+            carry.add(_fold_kv_grad(torch.einsum("bhij,bihd->bjhd", probs[..., blk], do), hkv).contiguous())
         dv = carry.total()
         ds = probs * (dp - (probs * dp).sum(-1, keepdim=True)) * scale
         del dp
@@ -87,8 +78,8 @@ class _RingQKAV(torch.autograd.Function):
         carry = ring.carry()
         for src, kb in ring.rotate(k):  # dQ = dS K; dK = dS^T Q travels home
             blk = ds[..., src * local:(src + 1) * local]
-            dq += torch.einsum("bhij,bjhd->bihd", blk, _rep(kb, h).to(acc))
-            carry.add(_fold(torch.einsum("bhij,bihd->bjhd", blk, qa), hkv).contiguous())
+            dq += torch.einsum("bhij,bjhd->bihd", blk, _expand_kv(kb, h).to(acc))
+            carry.add(_fold_kv_grad(torch.einsum("bhij,bihd->bjhd", blk, qa), hkv).contiguous())
         dk = carry.total()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 

@@ -198,6 +198,7 @@ def run_emulated_ring(ns) -> None:
     from seqpar.layout import get_layout
 
     device, dtype, n = ns.device, DTYPES[ns.dtype], ns.nproc
+    torch.set_num_threads(ns.threads)  # on a shared CPU, idle OpenMP threads stall small elementwise ops
     print(f"# emulated ring rank: N={n}, {ns.dtype}, B={ns.batch} H={ns.heads} Hkv={ns.kv_heads} D={ns.head_dim}, "
           f"{device}; efficiency = (single-device time / N) / (worst rank's ring compute); median of {ns.reps}")
     print("| S | causal | layout | pass | single ms | single/N ms | worst rank ms | efficiency |")
@@ -257,7 +258,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (distributed mode)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (and in --emulate-ring)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     p.add_argument("--batch", type=int, default=1)

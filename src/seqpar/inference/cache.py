@@ -1,0 +1,176 @@
+"""A KV cache sharded along the sequence: each sequence-parallel rank keeps the keys and values of its own tokens.
+
+Nothing here communicates.  Every rank knows how many tokens every other rank
+holds (:attr:`KVCache.lengths`): the prompt's split follows from the layout and
+each decoded token goes to a rank chosen by the same deterministic rule on all
+ranks (:meth:`KVCache.next_owner`), so the bookkeeping never needs a collective.
+
+Per layer and rank the cache is ``[B, n_local, Hkv/t, D]`` (``t`` the tensor-parallel
+degree): roped keys and values, in the order the rank received its tokens
+(decode attends to every cached token, so the order does not matter).
+Padding that :func:`~seqpar.inference.prefill` adds to split the prompt is never
+stored, so it can never be attended.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SeqParError, ShapeError, check
+
+__all__ = ["KVCache", "LayerCache", "CacheError"]
+
+
+class CacheError(SeqParError, ValueError):
+    """A cache used with a model, mesh or batch it was not built for."""
+
+
+class LayerCache:
+    """Keys and values of this rank's tokens for one layer, ``[B, len, Hkv_local, D]``, growing.
+
+    Storage is preallocated with spare capacity (``reserve`` at creation, doubling when
+    full), so appending one decoded token is a copy into place, not a reallocation of
+    the whole shard.  :attr:`k` / :attr:`v` are views of the filled part.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
+        check(k.dim() == 4 and k.shape == v.shape, ShapeError,
+              f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [batch, seq, kv_heads, head_dim]")
+        b, s, h, d = k.shape
+        self._k = k.new_empty(b, s + max(reserve, 0), h, d)
+        self._v = v.new_empty(b, s + max(reserve, 0), h, d)
+        self._k[:, :s].copy_(k)
+        self._v[:, :s].copy_(v)
+        self.len = s
+
+    @property
+    def k(self) -> torch.Tensor:
+        """``[B, len, Hkv_local, D]`` cached keys (a view)."""
+        return self._k[:, :self.len]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """``[B, len, Hkv_local, D]`` cached values (a view)."""
+        return self._v[:, :self.len]
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[1]
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens without reallocating later."""
+        need = self.len + extra
+        if need > self.capacity:
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = old.new_empty(old.shape[0], need, *old.shape[2:])
+                new[:, :self.len].copy_(old[:, :self.len])
+                setattr(self, name, new)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add ``k, v [B, m, Hkv_local, D]`` at the end (grows the storage geometrically when full)."""
+        check(k.shape[0] == self._k.shape[0] and k.shape[2:] == self._k.shape[2:] and k.shape == v.shape,
+              CacheError, f"cannot append k {tuple(k.shape)} / v {tuple(v.shape)} to a cache of "
+                          f"[B={self._k.shape[0]}, *, Hkv={self._k.shape[2]}, D={self._k.shape[3]}]")
+        m = k.shape[1]
+        if self.len + m > self.capacity:
+            self.reserve(max(m, self.capacity))  # doubling: amortised O(1) copies per token
+        self._k[:, self.len:self.len + m].copy_(k)
+        self._v[:, self.len:self.len + m].copy_(v)
+        self.len += m
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part (keys and values)."""
+        return 2 * self.k.numel() * self._k.element_size()
+
+    def capacity_bytes(self) -> int:
+        """Bytes allocated (filled part plus spare capacity)."""
+        return 2 * self._k.numel() * self._k.element_size()
+
+
+class KVCache:
+    """This rank's shard of a sequence-parallel KV cache: one :class:`LayerCache` per layer.
+
+    Attributes:
+        layers: per layer, this rank's ``[B, len, Hkv/t, D]`` keys and values.
+        lengths: tokens held by each sequence-parallel rank (the same list on every rank).
+        positions: ``[len]`` global positions of this rank's cached tokens, in cache order.
+        prompt_len: real (unpadded) prompt tokens.
+        rank, n: this rank's index in the sequence-parallel group and the group's size.
+        mesh: the mesh the cache was filled on (its ``sp_group`` merges decode attention).
+
+    Built by :func:`seqpar.inference.prefill`; advanced by :func:`seqpar.inference.decode_step`.
+    """
+
+    def __init__(self, *, mesh, rank: int, n: int, lengths: list[int], positions: torch.Tensor, prompt_len: int,
+                 num_layers: int, batch: int):
+        check(len(lengths) == n and lengths[rank] == positions.numel(), ShapeError,
+              f"lengths {lengths} do not describe {n} ranks with {positions.numel()} tokens on rank {rank}")
+        self.mesh, self.rank, self.n = mesh, rank, n
+        self.lengths = list(lengths)
+        self._prompt_positions = positions
+        self._decoded_positions: list[int] = []  # a list: one append per owned token, no tensor copy
+        self.prompt_len = prompt_len
+        self.batch = batch
+        self.layers: list[LayerCache | None] = [None] * num_layers
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[local_len]`` global positions of this rank's cached tokens, in cache order."""
+        return torch.cat([self._prompt_positions, self._prompt_positions.new_tensor(self._decoded_positions)])
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens cached over all ranks: the prompt plus the decoded tokens fed back so far.
+
+        Also the RoPE position of the next token.
+        """
+        return sum(self.lengths)
+
+    @property
+    def local_len(self) -> int:
+        """Tokens this rank holds."""
+        return self.lengths[self.rank]
+
+    def next_owner(self) -> int:
+        """The rank that stores the next token: the one holding the fewest (lowest rank on ties).
+
+        Deterministic from :attr:`lengths`, so every rank agrees without communicating, and the
+        shards stay balanced within one token once the prompt's own imbalance (padding) is absorbed.
+        """
+        return min(range(self.n), key=lambda r: (self.lengths[r], r))
+
+    def reserve(self, extra: int) -> None:
+        """Preallocate room for this rank's share of ``extra`` more tokens over all ranks."""
+        share = -(-extra // self.n) + 1
+        for layer in self.layers:
+            if layer is not None:
+                layer.reserve(share)
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values this rank holds (filled part, all layers)."""
+        return sum(layer.nbytes() for layer in self.layers if layer is not None)
+
+    def capacity_bytes(self) -> int:
+        """Bytes this rank has allocated for the cache (including spare capacity)."""
+        return sum(layer.capacity_bytes() for layer in self.layers if layer is not None)
+
+    def _commit(self, owner: int, position: int) -> None:
+        """Record one decoded token stored on ``owner`` at global ``position`` (after every layer appended)."""
+        self.lengths[owner] += 1
+        if owner == self.rank:
+            self._decoded_positions.append(position)
+
+    def _rollback(self) -> None:
+        """Undo the appends of a decode step that failed part-way (layers hold more than ``local_len``)."""
+        for layer in self.layers:
+            if layer is not None:
+                layer.len = min(layer.len, self.local_len)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        layer = next((x for x in self.layers if x is not None), None)
+        shape = "empty" if layer is None else f"[B={self.batch}, {self.local_len}, Hkv={layer.k.shape[2]}, " \
+                                              f"D={layer.k.shape[3]}] x {len(self.layers)} layers"
+        return f"KVCache(rank {self.rank}/{self.n}: {shape}; lengths={self.lengths}, seq_len={self.seq_len})"

@@ -6,7 +6,7 @@ Every scheme behind one API, exact against a single-device run::
     q, k, v = (seqpar.shard(t, layout="zigzag") for t in (q, k, v))
     out = seqpar.attention(q, k, v, causal=True, strategy="ring", layout="zigzag")
 """
-from . import comm, kernels, plan, stats
+from . import comm, inference, kernels, plan, stats
 from .attention import STRATEGIES, attention
 from .debug import NumericsError, set_check_finite, set_debug
 from .errors import CommError, ConfigError, SeqParError, ShapeError
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "Mesh", "get_mesh", "set_mesh", "attention", "STRATEGIES", "shard", "unshard", "position_ids",
     "SeqParError", "ConfigError", "ShapeError", "CommError", "NumericsError", "set_debug", "set_check_finite",
-    "comm", "kernels", "plan", "stats",
+    "comm", "inference", "kernels", "plan", "stats",
 ]

@@ -270,13 +270,16 @@ class RingExchange:
       one to the next rank.  gloo cannot send/recv CUDA tensors (it aborts with
       "Bad address") but does run all-to-all on them, so this is the fallback for
       several processes sharing one GPU over gloo.  Asynchronous too.
-    * ``"auto"``: ``alltoall`` for CUDA tensors on a gloo group, else ``p2p``.
+    * ``"auto"``: ``alltoall`` on gloo (required for CUDA tensors; on CPU, measured against
+      PyTorch's ring on a busy 2-core machine, each gloo send blocked ~0.6 ms and the
+      all-to-all transport matched or beat it in 48 of 48 cases: BENCHMARKS.md), ``p2p`` on NCCL.
     """
 
-    def __init__(self, group=None, mode: str = "auto"):
+    def __init__(self, group=None, mode: str = "auto", *, resolved: bool = False):
         check(mode in ("auto", "p2p", "alltoall"), ShapeError,
               f"unknown ring exchange mode {mode!r}: use 'auto', 'p2p' or 'alltoall'")
-        self.group = resolve_group(group)
+        # resolved=True: ``group`` was already resolved by the caller and None means one process
+        self.group = group if resolved else resolve_group(group)
         self.size = group_size(self.group)
         self.rank = group_rank(self.group)
         self.mode = mode
@@ -287,8 +290,7 @@ class RingExchange:
     def _mode_for(self, x: torch.Tensor) -> str:
         if self.mode != "auto":
             return self.mode
-        gloo = dist.get_backend(self.group) == "gloo"
-        return "alltoall" if (gloo and x.device.type == "cuda") else "p2p"
+        return "alltoall" if dist.get_backend(self.group) == "gloo" else "p2p"
 
     def start(self, x: torch.Tensor) -> _Pending:
         """Begin sending ``x`` to rank+1 and receiving from rank-1 (ranks within the group)."""

@@ -114,3 +114,30 @@ def test_ring_and_allgather_keep_only_q_k_v_out_lse(pool, strategy):
     q_bytes, kv_bytes, lse_bytes = 64 * 4 * 16 * 4, 64 * 2 * 16 * 4, 4 * 64 * 4
     for saved in pool(4).run(saved_by_strategy, strategy):
         assert saved == 2 * q_bytes + 2 * kv_bytes + lse_bytes
+
+
+def local_under_trivial_mesh():
+    from seqpar.mesh import Mesh
+    from tests.helpers import mesh
+
+    mesh()  # a default 4-rank mesh exists in this process
+    q = torch.randn(1, 8, 2, 8, requires_grad=True)
+    out = {}
+    import seqpar
+
+    for strategy in ("ring", "ring_qk_av", "allgather", "ulysses"):
+        o = seqpar.attention(q, q, q, causal=True, strategy=strategy, mesh=Mesh())
+        o.sum().backward()
+        out[strategy] = o.detach()
+    padded, info = seqpar.shard(torch.randn(1, 7, 2, 8, requires_grad=True), mesh=Mesh(), return_info=True)
+    padded.sum().backward()
+    return out, info.padding
+
+
+def test_explicit_single_process_mesh_stays_local_inside_a_world(pool):
+    """mesh=Mesh() means one process even when a default multi-rank mesh exists: no collective, no hang."""
+    res = pool(2).run(local_under_trivial_mesh, timeout=60)
+    for out, padding in res:
+        assert padding == 1
+        for o in out.values():
+            assert torch.allclose(o, out["ring"], atol=1e-6)

@@ -57,7 +57,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan, scale, group, backend, mode):
         r = group_rank(group)
         acc_out, acc_lse = _empty_acc(q)
-        for src, kv in RingExchange(group, mode).rotate(torch.stack([k, v])):
+        for src, kv in RingExchange(group, mode, resolved=True).rotate(torch.stack([k, v])):
             _forward_block(q, kv, plan.tasks(r, src), acc_out, acc_lse, scale, backend)
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
@@ -70,7 +70,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan, scale, group, backend, mode = ctx.args
         r = group_rank(group)
-        ring = RingExchange(group, mode)
+        ring = RingExchange(group, mode, resolved=True)
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
         carry = ring.carry()  # dK/dV of each block travel with it and arrive home after N hops

@@ -37,7 +37,7 @@ class _RingQKAV(torch.autograd.Function):
         b, local, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         qa = q.to(acc)
-        ring = RingExchange(group, mode)
+        ring = RingExchange(group, mode, resolved=True)
         scores = q.new_empty((b, h, local, n * local), dtype=acc)
         for src, kb in ring.rotate(k):  # RingQK
             s = torch.einsum("bihd,bjhd->bhij", qa, _expand_kv(kb, h).to(acc)) * scale
@@ -63,7 +63,7 @@ class _RingQKAV(torch.autograd.Function):
         local, h, hkv = q.shape[1], q.shape[2], k.shape[2]
         acc = probs.dtype
         do = dout.to(acc)
-        ring = RingExchange(group, mode)
+        ring = RingExchange(group, mode, resolved=True)
         dp = torch.empty_like(probs)
         carry = ring.carry()
         for src, vb in ring.rotate(v):  # dP = dO V^T per block; dV = P^T dO travels home

@@ -31,7 +31,7 @@ from .training import IGNORE, causal_lm_loss, sync_gradients
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

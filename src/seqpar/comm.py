@@ -95,6 +95,29 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def all_reduce_coalesced(tensors, group, divide_by: float = 1.0) -> None:
+    """Sum ``tensors`` in place over a resolved ``group`` (None: one process), then divide.
+
+    For gradients after backward: coalesced per (dtype, device) into one flat buffer,
+    so one all-reduce each.  No autograd.
+    """
+    if group_size(group) == 1:
+        return
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        record_comm("all_reduce", _nbytes(flat))
+        dist.all_reduce(flat, group=group)
+        if divide_by != 1:
+            flat.div_(divide_by)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 # --------------------------------------------------------------------------- autograd wrappers
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm import all_reduce_coalesced
 from .errors import ShapeError, check
 from .mesh import Mesh, group_size
 from .stats import record_comm
@@ -80,16 +81,5 @@ def sync_gradients(model: nn.Module, mesh: Mesh | None = None) -> None:
     """
     mesh = resolve_mesh(mesh)
     sync_sequence_parallel_grads(model, mesh)
-    group, n = mesh.dp_sp_group, mesh.dp * mesh.sp
-    if group_size(group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    buckets: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        buckets.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in buckets.values():
-        flat = _all_reduce(torch.cat([g.reshape(-1) for g in bucket]), group).div_(n)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    all_reduce_coalesced([p.grad for p in model.parameters() if p.grad is not None], mesh.dp_sp_group,
+                         divide_by=mesh.dp * mesh.sp)

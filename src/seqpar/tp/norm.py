@@ -23,11 +23,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..mesh import Mesh, group_size
-from ..stats import record_comm
+from ..comm import all_reduce_coalesced
 from ._base import deepcopy_keeping_marks
 from .mappings import resolve_mesh
 
@@ -90,15 +89,5 @@ def sync_sequence_parallel_grads(model: nn.Module | Iterable[torch.nn.Parameter]
     group = resolve_mesh(mesh).tp_group
     if group_size(group) == 1 or not grads:
         return len(grads)
-    buckets: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        buckets.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        record_comm("all_reduce", flat.numel() * flat.element_size())
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    all_reduce_coalesced(grads, group)
     return len(grads)

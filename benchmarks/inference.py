@@ -10,9 +10,14 @@ pool, so it gets the compute of one rank (``--threads`` torch threads).  Reporte
 * KV cache: MB held per rank against the one device's whole cache (the capacity argument);
 * decode: milliseconds per token (max over ranks, median over the decoded tokens).
 
+``--model hf`` runs a Hugging Face ``transformers`` Llama of the same sizes prepared by
+``seqpar.integrations.hf.apply``; its one-device baseline is then the stock HF model
+(sdpa attention, HF's own ``DynamicCache``), i.e. what an HF user runs today.
+
 Examples::
 
     python benchmarks/inference.py --nproc 2 --prompt-lens 512 1024 2048 4096 8192
+    python benchmarks/inference.py --model hf --nproc 2 --prompt-lens 1024 4096
     python benchmarks/inference.py --device cuda --dtype bfloat16 --nproc 4 --hidden 2048 --heads 16 \\
         --kv-heads 4 --layers 8 --prompt-lens 8192 32768
 """
@@ -71,6 +76,56 @@ def _measure(model, ids, mesh, cfg: dict, barrier) -> dict:
             "peak": peak}
 
 
+def _hf_model(cfg: dict, dtype, device):
+    import transformers
+
+    hcfg = transformers.LlamaConfig(hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
+                                    num_key_value_heads=cfg["kv_heads"], num_hidden_layers=cfg["layers"],
+                                    intermediate_size=cfg["ffn"], vocab_size=cfg["vocab"],
+                                    max_position_embeddings=max(8192, 2 * cfg["prompt_len"]),
+                                    attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(hcfg).to(device=device, dtype=dtype).eval()
+
+
+def _kv_bytes(hf_cache) -> int:
+    """Bytes of keys and values in an HF cache (transformers 5: .layers; 4.x: .key_cache/.value_cache)."""
+    layers = getattr(hf_cache, "layers", None)
+    if layers is not None:
+        pairs = [(x.keys, x.values) for x in layers]
+    else:
+        pairs = list(zip(hf_cache.key_cache, hf_cache.value_cache))
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
+
+
+def _measure_hf_native(model, ids, cfg: dict) -> dict:
+    """The stock HF model on one device: prefill with its DynamicCache, then cached decode steps."""
+    import inspect
+
+    device = cfg["device"]
+    # transformers 5 renamed past_key_values to cache (the old name warns)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    times = []
+    with torch.no_grad():
+        for _ in range(cfg["reps"] + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        cache, logits, steps = getattr(out, key), out.logits[:, -1], []
+        for _ in range(cfg["decode_tokens"]):
+            nxt = logits.argmax(-1, keepdim=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, use_cache=True, **{key: cache})
+            _sync(device)
+            steps.append(time.perf_counter() - t0)
+            cache, logits = getattr(out, key), out.logits[:, -1]
+    return {"prefill": statistics.median(times[1:]), "kv": _kv_bytes(cache),
+            "decode": statistics.median(steps[1:] or steps), "peak": None}
+
+
 def bench_rank(cfg: dict) -> dict:
     """Worker task: sequence-parallel numbers on every rank, then the one-device baseline on rank 0."""
     import torch.distributed as dist
@@ -85,15 +140,23 @@ def bench_rank(cfg: dict) -> dict:
     mesh = seqpar.get_mesh() or seqpar.init(ulysses=cfg["ulysses"])
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt_len"]),
                         generator=torch.Generator().manual_seed(0)).to(device)
-    model = LlamaForCausalLM(_model_config(cfg), mesh=mesh, strategy=cfg["strategy"], layout=cfg["layout"],
-                             dtype=dtype, device=device)
-    model.init_weights(0)
+    hf = cfg["model"] == "hf"
+    if hf:
+        from seqpar.integrations.hf import apply
+
+        model = apply(_hf_model(cfg, dtype, device), mesh, strategy=cfg["strategy"], layout=cfg["layout"])
+    else:
+        model = LlamaForCausalLM(_model_config(cfg), mesh=mesh, strategy=cfg["strategy"], layout=cfg["layout"],
+                                 dtype=dtype, device=device)
+        model.init_weights(0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out = {"sp": _measure(model, ids, mesh, cfg, dist.barrier)}
     del model
     dist.barrier()
-    if mesh.rank("sp") == 0 and dist.get_rank() == 0:
+    if mesh.rank("sp") == 0 and dist.get_rank() == 0 and hf:
+        out["single"] = _measure_hf_native(_hf_model(cfg, dtype, device), ids, cfg)
+    elif mesh.rank("sp") == 0 and dist.get_rank() == 0:
         single = LlamaForCausalLM(_model_config(cfg), mesh=Mesh(), strategy="ring", layout="contiguous",
                                   dtype=dtype, device=device)
         single.init_weights(0)
@@ -108,6 +171,8 @@ def bench_rank(cfg: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--model", default="seqpar", choices=("seqpar", "hf"),
+                   help="seqpar's reference Llama, or a transformers Llama (baseline: stock HF on one device)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ulysses", type=int, default=1, help="ulysses degree (with --strategy usp)")
@@ -133,7 +198,8 @@ def main() -> None:
     from seqpar.workers import WorkerPool
 
     print(f"`python benchmarks/inference.py {shlex.join(sys.argv[1:])}`\n")
-    print(f"# {ns.nproc} ranks on {ns.device} (gloo, {ns.threads} thread(s) each) vs one device ({ns.threads} "
+    print(f"# {ns.model} model; {ns.nproc} ranks on {ns.device} (gloo, {ns.threads} thread(s) each) vs one device "
+          f"({ns.threads} "
           f"thread(s)); {ns.dtype}; h={ns.hidden} heads={ns.heads} kv={ns.kv_heads} layers={ns.layers} "
           f"vocab={ns.vocab} B={ns.batch}; prefill {ns.strategy}/{ns.layout}, median of {ns.reps}; decode median "
           f"of {ns.decode_tokens} tokens")
@@ -143,8 +209,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     with WorkerPool(ns.nproc, threads_per_rank=ns.threads, timeout=1800.0) as pool:
         for s in ns.prompt_lens:
-            cfg = {k: getattr(ns, k) for k in ("device", "dtype", "ulysses", "strategy", "layout", "batch", "hidden",
-                                               "heads", "kv_heads", "layers", "ffn", "vocab", "decode_tokens", "reps")}
+            cfg = {k: getattr(ns, k) for k in ("model", "device", "dtype", "ulysses", "strategy", "layout", "batch",
+                                               "hidden", "heads", "kv_heads", "layers", "ffn", "vocab",
+                                               "decode_tokens", "reps")}
             cfg["prompt_len"] = s
             res = pool.run(this.bench_rank, cfg)
             one = res[0]["single"]

@@ -194,7 +194,7 @@ def test_bad_input_names_the_fix():
         decode_step(model, cache, torch.zeros(3, dtype=torch.long))
     with pytest.raises(CacheError, match="must be a KVCache"):
         decode_step(model, {"k": None}, logits.argmax(-1))
-    with pytest.raises(seqpar.ConfigError, match="Hugging Face models are not supported yet"):
+    with pytest.raises(seqpar.ConfigError, match="or a Hugging Face causal LM prepared by"):
         prefill(torch.nn.Linear(2, 2), _prompt(8))
     other = LlamaForCausalLM("tiny", mesh=Mesh()).eval()
     other.layers = other.layers[:1]

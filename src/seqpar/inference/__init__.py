@@ -7,7 +7,9 @@
     ids = seqpar.inference.generate(model, prompt_ids, max_new_tokens=32)       # greedy, [B, S + 32]
 
 Each sequence-parallel rank keeps the keys/values of its own tokens only; decode
-merges the ranks' partial attentions with one small all-gather per layer.  See
+merges the ranks' partial attentions with one small all-gather per layer.  Works with
+:class:`seqpar.models.LlamaForCausalLM` and with Hugging Face causal LMs prepared by
+:func:`seqpar.integrations.hf.apply` (:mod:`seqpar.inference.hf`).  See
 ``docs/inference.md`` for when this pays.
 """
 from .cache import CacheError, KVCache, LayerCache

@@ -33,13 +33,15 @@ from torch import nn
 from .. import comm
 from ..attention import STRATEGIES, attention
 from ..errors import ConfigError, ShapeError, check
-from ..kernels import attention_with_lse, merge_into
-from ..layout import resolve_layout
+from ..kernels import attention_with_lse
 from ..mesh import Mesh, group_rank, group_size
 from ..packing import SeqInfo
 from ..tp._base import TPModule
 from ..tp.cross_entropy import vocab_parallel_argmax
+from . import hf as _hf
 from .cache import CacheError, KVCache, LayerCache
+from .common import (check_prompt, check_tokens, decode_attention, merge_over_group, new_cache, split_prompt,
+                     token_owner)
 
 __all__ = ["prefill", "decode_step", "generate", "merge_over_group"]
 
@@ -51,7 +53,7 @@ def _check_model(model: nn.Module, mesh: Mesh | None) -> Mesh:
     missing = [a for a in _NEEDS if not hasattr(model, a)]
     check(not missing, ConfigError,
           f"{type(model).__name__} lacks {missing}: seqpar.inference drives seqpar.models.LlamaForCausalLM "
-          f"(its per-layer cache hook); Hugging Face models are not supported yet (see docs/inference.md)")
+          f"(its per-layer cache hook) or a Hugging Face causal LM prepared by seqpar.integrations.hf.apply")
     mesh = mesh if mesh is not None else model.mesh
     check(mesh.sp == model.mesh.sp and mesh.tp == model.mesh.tp, ConfigError,
           f"mesh {mesh} does not match the model's {model.mesh}: build the model on the mesh you infer with")
@@ -74,30 +76,6 @@ def _replicated_tp(model: nn.Module) -> Iterator[None]:
             m.sequence_parallel = True
 
 
-def merge_over_group(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge partial attentions of the same queries over disjoint key shards held by the ranks of ``group``.
-
-    Args:
-        out: ``[B, L, H, D]`` this rank's partial output; lse: ``[B, H, L]`` (``-inf`` where the
-            rank's shard holds no visible key, e.g. an empty shard).
-    Returns:
-        (out ``[B, L, H, D]``, lse ``[B, H, L]``) in float32 (float64 for float64 input), identical
-        on every rank (every rank merges the same parts in rank order).
-    Communication: one all-gather of ``[B, L, H, D + 1]`` (out with lse appended) per call.
-    """
-    n = group_size(group)
-    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-    if n == 1:
-        return out.to(acc), lse.to(acc)
-    packed = torch.cat([out.to(acc), lse.to(acc).transpose(1, 2).unsqueeze(-1)], dim=-1)  # [B, L, H, D+1]
-    parts = comm.all_gather(packed, 0, group).view(n, *packed.shape)  # rank-major
-    acc_out = parts[0, ..., :-1].clone()
-    acc_lse = parts[0, ..., -1].transpose(1, 2).contiguous()
-    for r in range(1, n):
-        merge_into(acc_out, acc_lse, parts[r, ..., :-1], parts[r, ..., -1].transpose(1, 2))
-    return acc_out, acc_lse
-
-
 class _PrefillLayer:
     """Cache hook of one layer during prefill: keep this rank's real k/v, attend sequence-parallel."""
 
@@ -117,12 +95,7 @@ class _DecodeLayer:
         self.layer, self.own, self.group = layer, own, group
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.own:  # the owner stores the token first, so the token attends to itself exactly once
-            self.layer.append(k, v)
-        # no causal mask: every cached token is earlier than (or is) the new one
-        out, lse = attention_with_lse(q, self.layer.k, self.layer.v)
-        out, _ = merge_over_group(out, lse, self.group)
-        return out.to(q.dtype)
+        return decode_attention(self.layer, self.own, q, k, v, self.group)
 
 
 def _local_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -130,30 +103,24 @@ def _local_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def _prompt_layout(model, mesh: Mesh, layout, s: int, pad: bool) -> tuple[SeqInfo, object]:
-    """How the prompt splits over the sp group, padded at its end when the layout needs it."""
-    group = mesh.sp_group
-    n = group_size(group)
-    lay = resolve_layout(layout if layout is not None else model.layout, group, mesh)
-    # with Megatron SP each rank's shard is cut again over tp by the embedding's reduce-scatter
+    """How the prompt splits over the sp group (with Megatron SP each shard is cut again over tp)."""
     t = mesh.tp if model.sequence_parallel else 1
-    unit = n * lay.granule * t
-    padded = -(-s // unit) * unit
-    check(pad or padded == s, ShapeError,
-          f"prompt length {s} does not split over sp={n}" + (f" x tp={t}" if t > 1 else "") +
-          f" in layout {lay.name!r} (needs a multiple of {unit}): pass pad=True (padding is masked in prefill "
-          f"and never cached) or give a prompt of a multiple of {unit} tokens")
-    return SeqInfo(lay, n, (0, s), (0, padded)), lay
+    info = split_prompt(layout if layout is not None else model.layout, mesh, s, pad, tp_cut=t)
+    return info, info.layout
 
 
-def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None, strategy: str = "ring", *,
+def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None, strategy: str | None = None, *,
             layout=None, pad: bool = True, reserve: int = 0) -> tuple[KVCache, torch.Tensor]:
     """Run the prompt sequence-parallel and fill this rank's shard of the KV cache.
 
     Args:
-        model: a :class:`seqpar.models.LlamaForCausalLM` (any tp; ``sequence_parallel`` either way).
+        model: a :class:`seqpar.models.LlamaForCausalLM` (any tp; ``sequence_parallel`` either way),
+            or a Hugging Face causal LM prepared by :func:`seqpar.integrations.hf.apply`
+            (see :mod:`seqpar.inference.hf`).
         input_ids: ``[B, S]`` the *full* prompt, identical on every rank; sharded here.
         mesh: defaults to the model's; its sp group shards the prompt and the cache.
-        strategy: attention strategy of the prefill (``ring``, ``usp``, ``ulysses``, ``allgather``...).
+        strategy: attention strategy of the prefill (``ring``, ``usp``, ``ulysses``, ``allgather``...);
+            default the model's.
         layout: sequence layout (default the model's), e.g. ``zigzag`` or ``contiguous``.
         pad: pad a prompt the layout cannot split at its end (padding is masked and never cached);
             ``False`` raises a ShapeError naming the length needed instead.
@@ -165,26 +132,18 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
     collectives), then one all-reduce of ``[B, 1, h]`` over sp (and tp with sequence parallelism) for
     the last token's hidden state.  The cache itself never moves.
     """
+    if _hf.settings(model) is not None:
+        return _hf.prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=reserve)
     mesh = _check_model(model, mesh)
+    strategy = strategy or model.strategy
     check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
-    check(isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
-          and not input_ids.is_floating_point(), ShapeError,
-          f"input_ids must be the full prompt as integer ids [batch, seq] with seq > 0, got "
-          f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-    check(isinstance(reserve, int) and reserve >= 0, ShapeError, f"reserve={reserve!r} must be an int >= 0")
+    check_prompt(input_ids, reserve)
     b, s = input_ids.shape
-    group = mesh.sp_group
-    n, rank = group_size(group), group_rank(group)
+    n, rank = group_size(mesh.sp_group), group_rank(mesh.sp_group)
     info, lay = _prompt_layout(model, mesh, layout, s, pad)
     device = model.embed.weight.device
-    idx = info.indices(rank)  # positions (in the padded prompt) this rank holds; padding sits at >= s
-    real = idx < s
-    keep = None if bool(real.all()) else real.nonzero().flatten().to(device)
-    lengths = [int((info.indices(r) < s).sum()) for r in range(n)]
-    cache = KVCache(mesh=mesh, rank=rank, n=n, lengths=lengths, positions=idx[real], prompt_len=s,
-                    num_layers=len(model.layers), batch=b)
-    # room for this rank's share of the decode tokens (fewest-first fills the short shards first)
-    spare = max(0, -(-(s + reserve) // n) + 1 - lengths[rank]) if reserve else 0
+    idx = info.indices(rank)
+    cache, keep, spare = new_cache(info, mesh, b, len(model.layers), reserve, device)
     if n > 1:
         attend = functools.partial(attention, causal=True, strategy=strategy, mesh=mesh, layout=lay,
                                    seq_info=info if info.padding else None)
@@ -211,8 +170,7 @@ def _last_token_hidden(h: torch.Tensor, info: SeqInfo, last: int, mesh: Mesh, sp
     sequence-parallel, where the shard is cut again over tp).  Sum with zeros elsewhere: exact.
     """
     n = info.n
-    owner = next(r for r in range(n) if bool((info.indices(r) == last).any()))
-    li = int((info.indices(owner) == last).nonzero())
+    owner, li = token_owner(info, last)
     mine = mesh.rank("sp") == owner
     if sp_on_tp:
         chunk = info.local_len // mesh.tp
@@ -230,7 +188,7 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     """Feed one token per sequence and return the logits of the next one.
 
     Args:
-        model: the model that filled ``cache`` (same mesh).
+        model: the model that filled ``cache`` (same mesh): reference or prepared Hugging Face model.
         cache: from :func:`prefill`; advanced in place (one rank stores the new token).
         token_ids: ``[B]`` the newest token of each sequence, identical on every rank.
     Returns:
@@ -241,14 +199,13 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     of ``[B, 1, h]`` (and one for the embedding).  The cache is never gathered.
     """
     check(isinstance(cache, KVCache), CacheError, f"cache must be a KVCache from prefill, got {type(cache).__name__}")
+    if _hf.settings(model) is not None:
+        return _hf.decode_step(model, cache, token_ids)
     mesh = _check_model(model, cache.mesh)
     check(len(cache.layers) == len(model.layers) and all(layer is not None for layer in cache.layers), CacheError,
           f"the cache has {len(cache.layers)} layers filled for a model of {len(model.layers)}: "
           f"use the cache prefill returned for this model")
-    check(isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1 and token_ids.shape[0] == cache.batch
-          and not token_ids.is_floating_point(), ShapeError,
-          f"token_ids must be integer ids [batch={cache.batch}], got "
-          f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}")
+    check_tokens(token_ids, cache.batch)
     device = model.embed.weight.device
     owner, position = cache.next_owner(), cache.seq_len
     hooks = [_DecodeLayer(layer, owner == cache.rank, mesh.sp_group) for layer in cache.layers]
@@ -264,10 +221,11 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mesh: Mesh | None = None,
-             strategy: str = "ring", *, layout=None, pad: bool = True) -> torch.Tensor:
+             strategy: str | None = None, *, layout=None, pad: bool = True) -> torch.Tensor:
     """Greedy generation: sequence-parallel :func:`prefill`, then :func:`decode_step` per token.
 
     Args:
+        model: as :func:`prefill` (the reference model or a prepared Hugging Face model).
         input_ids: ``[B, S]`` the full prompt, identical on every rank.
         max_new_tokens: tokens to generate (>= 0).
         mesh, strategy, layout, pad: as :func:`prefill`.
@@ -278,7 +236,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mes
     """
     check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, ShapeError,
           f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
-    mesh = _check_model(model, mesh)
+    mesh = _hf.check_mesh(model, mesh) if _hf.settings(model) is not None else _check_model(model, mesh)
     if max_new_tokens == 0:
         return input_ids.clone()
     cache, logits = prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=max_new_tokens)

@@ -42,8 +42,11 @@ How each piece of the HF model is made exact on a sequence shard:
 * **Loss**: labels are shifted before sharding (see :func:`shard_batch`);
   :func:`sp_causal_lm_loss` gives the exact global token mean.
 
+Inference: :func:`seqpar.inference.generate` (``prefill``, ``decode_step``) runs a model
+prepared here with a KV cache sharded over the sequence; see :mod:`seqpar.inference.hf`.
+
 Refused with a :class:`~seqpar.errors.ConfigError` naming what is missing:
-padding attention masks, ``output_attentions=True``, KV caches / generation,
+padding attention masks, ``output_attentions=True``, HF's own KV caches and ``model.generate``,
 attention dropout, logit soft-capping, attention sinks or position biases,
 bidirectional sliding windows, layer types other than full/sliding attention
 (linear attention, Mamba, chunked), encoder-decoders, architectures whose
@@ -75,10 +78,12 @@ from ._hf_batch import (INFO_KEY, SPLoss, batch_info, check_mesh, cu_seqlens_fro
                         shard_batch, shift_labels, sp_causal_lm_loss)
 
 __all__ = ["apply", "shard_batch", "sp_causal_lm_loss", "SPLoss", "shift_labels", "cu_seqlens_from_position_ids",
-           "attention_forward", "ATTN_IMPLEMENTATION"]
+           "attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KEY"]
 
 #: the name under which the attention function is registered with transformers
 ATTN_IMPLEMENTATION = "seqpar"
+#: the keyword under which seqpar.inference hands its sharded KV cache step down to the attention function
+CACHE_KEY = "seqpar_cache"
 #: first transformers release whose mask builders (masking_utils) skip unknown attention implementations
 MIN_TRANSFORMERS = (4, 53)
 
@@ -126,7 +131,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scaling: softmax scale (the module's; None = 1/sqrt(D)).
         dropout: must be 0.
         sliding_window: HF's window size W (key j visible to query i iff i - W < j <= i), or None.
-        kwargs: HF's per-call keywords; ``seqpar_info`` from shard_batch is used, the
+        kwargs: HF's per-call keywords; ``seqpar_info`` from shard_batch is used, ``seqpar_cache``
+            (from seqpar.inference) stores keys/values in prefill and switches to decode, the
             ones in ``_UNSUPPORTED_KWARGS`` are refused when set.
 
     Returns:
@@ -151,9 +157,16 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
           f"{s.name}: output_attentions=True needs the full attention matrix, which seqpar never materialises: "
           f"drop output_attentions")
     check(key.shape[2] == query.shape[2], ConfigError,
-          f"{s.name}: {key.shape[2]} keys for {query.shape[2]} queries (a KV cache?): seqpar attention runs "
-          f"training/prefill over a sharded sequence; generation with a cache is not supported here")
+          f"{s.name}: {key.shape[2]} keys for {query.shape[2]} queries (HF's KV cache?): generate with "
+          f"seqpar.inference.generate(model, input_ids), whose cache is sharded over the sequence")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    step = kwargs.get(CACHE_KEY)  # seqpar.inference's prefill or decode step, None in training
+    # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if step is not None and step.decoding:
+        check(causal, ConfigError, f"{s.name}: decoding needs a causal LM (this attention has is_causal=False)")
+        s.calls += 1
+        return step.decode(module, q, k, v, scale=scaling, sliding_window=sliding_window), None
     n = s.mesh.sp
     local = query.shape[2]
     info = batch_info(kwargs.get(INFO_KEY), s.mesh, s.layout, local)
@@ -168,10 +181,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if int(sliding_window) < longest:  # a window as long as every document is no window (cheaper plan)
             window = (int(sliding_window) - 1, 0)
     s.calls += 1
-    # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                    strategy=s.strategy, mesh=s.mesh, layout=s.layout, seq_info=info, scale=scaling,
-                    window=window)
+    if step is not None:  # prefill: keep this rank's keys and values, then attend as in training
+        step.store(module, k, v)
+    out = attention(q, k, v, causal=causal, strategy=step.strategy if step is not None else s.strategy,
+                    mesh=s.mesh, layout=s.layout, seq_info=info, scale=scaling, window=window)
     return out, None
 
 
@@ -234,10 +247,11 @@ def _base_pre_hook(s: _Settings, module: nn.Module):
               f"materialises: drop output_attentions (and config.output_attentions)")
         for name in ("cache", "past_key_values"):
             check(call.get(name) is None, ConfigError,
-                  f"{s.name}: a KV cache ({name}=) is not supported by the sequence-parallel HF integration "
-                  f"(training/prefill over a sharded sequence); generate with the unsharded model")
+                  f"{s.name}: HF's KV cache ({name}=) cannot hold a sequence-sharded cache: generate with "
+                  f"seqpar.inference.generate(model, input_ids) (or prefill / decode_step), not model.generate")
         check(not call.get("use_cache"), ConfigError,
-              f"{s.name}: use_cache=True is not supported with sequence parallelism (training only)")
+              f"{s.name}: use_cache=True is not supported with sequence parallelism: for generation use "
+              f"seqpar.inference.generate(model, input_ids), which keeps a KV cache sharded over the sequence")
         call["use_cache"] = False  # HF defaults it from config.use_cache; a cache of local K/V is useless here
         s.calls = 0
         return (), call

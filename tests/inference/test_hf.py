@@ -1,0 +1,178 @@
+"""Sequence-parallel inference of stock Hugging Face models equals one device: tokens, logits, cache, traffic.
+
+The reference is the single-process HF model (sdpa) generating greedily; it is checked once
+against HF's own ``model.generate`` (with its KV cache, sliding-window caches included), so the
+comparison is with what an HF user gets on one device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="4.53",
+                                   reason="needs transformers>=4.53 (pip install transformers)")
+
+import seqpar  # noqa: E402
+from seqpar.inference import CacheError, decode_step, generate, prefill  # noqa: E402
+from seqpar.integrations import hf  # noqa: E402
+from tests.helpers import mesh  # noqa: E402
+from tests.integrations.test_hf import build, data  # noqa: E402
+
+BATCH, NEW = 2, 6
+
+_REF: dict = {}
+
+
+def _reference(arch: str, s: int, new: int = NEW, **extra):
+    """One process, HF sdpa, no cache: a full forward on the growing sequence per token -> (ids, logits)."""
+    key = (arch, s, new, tuple(sorted(extra.items())))
+    if key not in _REF:
+        model = build(arch, **extra).eval()
+        ids, steps = data(BATCH, s, seed=s), []
+        with torch.no_grad():
+            for _ in range(new):
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                steps.append(logits)
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        _REF[key] = ids, steps
+    return _REF[key]
+
+
+def run_generate(arch: str, s: int, new: int, strategy: str, layout: str, degrees: dict):
+    """Worker: apply -> generate, and the same loop by hand to look at the cache and the logits."""
+    m = mesh(**degrees)
+    model = hf.apply(build(arch).eval(), m, strategy=strategy, layout=layout)
+    ids = data(BATCH, s, seed=s)
+    tokens = generate(model, ids, new)
+    cache, logits = prefill(model, ids)
+    after_prefill = {"lengths": list(cache.lengths), "positions": cache.positions.tolist(),
+                     "k_shapes": [tuple(layer.k.shape) for layer in cache.layers]}
+    steps = [logits]
+    for _ in range(new - 1):
+        logits = decode_step(model, cache, logits.argmax(-1))
+        steps.append(logits)
+    return {"tokens": tokens, "logits": steps, "prefill": after_prefill, "lengths": list(cache.lengths),
+            "positions": cache.positions.tolist(), "rank": m.rank("sp"), "nbytes": cache.nbytes()}
+
+
+CASES = [  # arch, world, strategy, degrees, layout, prompt length
+    ("llama", 2, "ring", {}, "zigzag", 21),  # 21 tokens: padded to 24, padding masked and never cached
+    ("llama", 4, "usp", {"sp": 4, "ulysses": 2}, "zigzag", 37),
+    ("llama", 4, "ulysses", {}, "contiguous", 40),
+    ("mistral", 2, "ring", {}, "zigzag", 23),  # window 6 on every layer: decode sees only recent keys
+    ("mistral", 4, "allgather", {}, "stripe", 30),
+    ("qwen2", 4, "ring", {}, "zigzag", 26),  # a full and a sliding layer (window 5)
+    ("qwen3", 2, "ulysses", {}, "zigzag", 20),
+    ("gemma3", 2, "ring", {}, "zigzag", 19),  # query_pre_attn_scalar, sliding + full layers, final softcap
+]
+
+
+@pytest.mark.parametrize("arch,world,strategy,degrees,layout,s", CASES,
+                         ids=[f"{a}-w{w}-{st}-{lay}-S{s}" for a, w, st, _, lay, s in CASES])
+def test_greedy_generation_equals_one_device(pool, arch, world, strategy, degrees, layout, s):
+    ref_ids, ref_steps = _reference(arch, s)
+    res = pool(world).run(run_generate, arch, s, NEW, strategy, layout, degrees)
+    for r in res:
+        assert torch.equal(r["tokens"], ref_ids), (r["tokens"][:, s:], ref_ids[:, s:])
+        for got, want in zip(r["logits"], ref_steps):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # after prefill each rank holds its own real prompt tokens only (no padding), in [B, n, Hkv, D]
+    by_rank = {r["rank"]: r for r in res}
+    assert sorted(p for r in by_rank.values() for p in r["prefill"]["positions"]) == list(range(s))
+    hkv, d = 2, 16
+    for rank, r in by_rank.items():
+        lengths = r["prefill"]["lengths"]
+        assert sum(lengths) == s and lengths[rank] == len(r["prefill"]["positions"]) < s
+        assert all(shape == (BATCH, lengths[rank], hkv, d) for shape in r["prefill"]["k_shapes"])
+    # after decoding NEW - 1 tokens: every position cached exactly once, shards within one token
+    lengths = res[0]["lengths"]
+    assert all(r["lengths"] == lengths for r in res) and max(lengths) - min(lengths) <= 1
+    assert sorted(p for r in by_rank.values() for p in r["positions"]) == list(range(s + NEW - 1))
+    for rank, r in by_rank.items():
+        assert r["nbytes"] == 2 * 2 * BATCH * lengths[rank] * hkv * d * 4  # 2 layers, k and v, float32
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_the_window_matters_in_decode(arch):
+    """The windowed archs' generations differ without the window, so the decode window is really tested."""
+    s = 23 if arch == "mistral" else 19
+    _, windowed = _reference(arch, s)
+    _, full = _reference(arch, s, sliding_window=1000)
+    assert max((a - b).abs().max().item() for a, b in zip(windowed[1:], full[1:])) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3"])
+def test_reference_is_hf_generate(arch):
+    """The cache-less reference equals HF's own greedy generate with its KV cache (sliding caches too)."""
+    s = {"llama": 21, "mistral": 23, "qwen2": 26, "gemma3": 19}[arch]
+    ref_ids, _ = _reference(arch, s)
+    model = build(arch).eval()
+    out = model.generate(data(BATCH, s, seed=s), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    assert torch.equal(out, ref_ids)
+
+
+def run_traffic(prompt_lens: list[int]):
+    m = mesh(sp=4)
+    model = hf.apply(build("llama").eval(), m, strategy="ring")
+    out = []
+    for s in prompt_lens:
+        with seqpar.stats.track() as pre:
+            cache, logits = prefill(model, data(BATCH, s, seed=s))
+        with seqpar.stats.track() as dec:
+            decode_step(model, cache, logits.argmax(-1))
+        out.append({"prefill": (dict(pre.calls), dict(pre.bytes)), "decode": (dict(dec.calls), dict(dec.bytes))})
+    return out
+
+
+def test_decode_sends_one_small_all_gather_per_layer(pool):
+    layers, h, d, vocab = 2, 4, 16, 128
+    for small, large in pool(4).run(run_traffic, [16, 128]):
+        for step in (small, large):
+            calls, nbytes = step["decode"]
+            assert calls == {"all_gather": layers}  # nothing else: the cache never moves
+            assert nbytes == {"all_gather": layers * BATCH * h * (d + 1) * 4 * 3}  # [B,1,H,D+1] fp32 to 3 ranks
+            calls, nbytes = step["prefill"]
+            assert set(calls) == {"ring_exchange", "all_reduce"} and calls["all_reduce"] == 1
+            assert nbytes["all_reduce"] == BATCH * vocab * 4  # the last token's logits, from its rank
+        assert small["decode"] == large["decode"]  # independent of the prompt length
+
+
+# ---- one process: world 1, and the errors (raised on every rank alike, before any collective) ----
+
+def test_world_one_equals_one_device():
+    model = hf.apply(build("mistral").eval(), seqpar.Mesh())
+    assert torch.equal(generate(model, data(BATCH, 23, seed=23), NEW), _reference("mistral", 23)[0])
+
+
+def test_bad_input_names_the_fix():
+    model = hf.apply(build("llama").eval(), seqpar.Mesh(), layout="zigzag")
+    ids = data(BATCH, 8)
+    with pytest.raises(seqpar.ConfigError, match=r"not prepared for sequence parallelism: call .*hf.apply"):
+        prefill(build("llama"), ids)
+    with pytest.raises(seqpar.ConfigError, match=r"prepared with layout='zigzag'.*layout='contiguous'"):
+        prefill(model, ids, layout="contiguous")
+    with pytest.raises(seqpar.ShapeError, match=r"prompt length 7 .* multiple of 2.*pad=True"):
+        prefill(model, data(BATCH, 7), pad=False)
+    with pytest.raises(seqpar.ConfigError, match="unknown strategy 'rng'"):
+        prefill(model, ids, strategy="rng")
+    with pytest.raises(seqpar.ConfigError, match="not the one"):
+        prefill(model, ids, mesh=seqpar.Mesh(ring=2))  # a mesh of another shape than the model's
+    cache, logits = prefill(model, ids)
+    with pytest.raises(seqpar.ShapeError, match=r"token_ids must be integer ids \[batch=2\]"):
+        decode_step(model, cache, torch.zeros(3, dtype=torch.long))
+    other = hf.apply(build("llama", num_hidden_layers=3).eval(), seqpar.Mesh())
+    with pytest.raises(CacheError, match="2 layers for a model of 3"):
+        decode_step(other, cache, logits.argmax(-1))
+    # HF's own generation is refused with the way out
+    with pytest.raises(seqpar.ConfigError, match=r"seqpar.inference.generate"):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_failed_decode_step_leaves_the_cache_unchanged():
+    model = hf.apply(build("llama").eval(), seqpar.Mesh())
+    cache, logits = prefill(model, data(BATCH, 8))
+    before = (list(cache.lengths), [layer.len for layer in cache.layers])
+    with pytest.raises(IndexError):  # HF's embedding rejects the id after the cache hook... or before it
+        decode_step(model, cache, torch.full((BATCH,), 1000))
+    assert (list(cache.lengths), [layer.len for layer in cache.layers]) == before

@@ -307,12 +307,19 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """In-place :func:`merge` of (out, lse) into float accumulators (views are fine)."""
-    new_lse = torch.logaddexp(acc_lse, lse.to(acc_lse.dtype))
+    """In-place :func:`merge` of (out, lse) into float accumulators (views are fine).
+
+    The two weights sum to one, so ``acc = w_acc*acc + w_new*out`` is ``acc.lerp_(out, w_new)``:
+    one in-place pass over the ``[B, L, H, D]`` accumulator instead of four (two products, a
+    sum, a temporary), which is what the merge costs per ring step: it is memory-bound and
+    runs once per block.  Where no key is visible on either side (both lse -inf), w_new is 0
+    and the accumulator keeps its zeros; a NaN lse still propagates.
+    """
+    lse = lse.to(acc_lse.dtype)
+    new_lse = torch.logaddexp(acc_lse, lse)
     finite = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_acc = torch.exp(acc_lse - finite).transpose(1, 2).unsqueeze(-1)
-    w_new = torch.exp(lse.to(acc_lse.dtype) - finite).transpose(1, 2).unsqueeze(-1)
-    acc_out.mul_(w_acc).add_(out.to(acc_out.dtype) * w_new)
+    w_new = torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1)
+    acc_out.lerp_(out.to(acc_out.dtype), w_new)
     acc_lse.copy_(new_lse)
 
 

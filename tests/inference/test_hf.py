@@ -6,6 +6,9 @@ comparison is with what an HF user gets on one device.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -176,3 +179,26 @@ def test_failed_decode_step_leaves_the_cache_unchanged():
     with pytest.raises(IndexError):  # HF's embedding rejects the id after the cache hook... or before it
         decode_step(model, cache, torch.full((BATCH,), 1000))
     assert (list(cache.lengths), [layer.len for layer in cache.layers]) == before
+
+
+# ---- the example: examples/hf_generate.py generates what HF's own generate does on one process ----
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _example():
+    if str(EXAMPLES) not in sys.path:
+        sys.path.append(str(EXAMPLES))  # appended, not prepended: shadows nothing; ranks get it with each task
+    import hf_generate
+
+    return hf_generate
+
+
+def run_example(prompt_len: int, new: int):
+    return _example().run(prompt_len=prompt_len, new=new, strategy="usp", mesh=mesh(sp=4, ulysses=2), log=False)
+
+
+def test_example_generates_like_hf_on_one_process(pool):
+    ids = pool(4).run(run_example, 301, 8)
+    want = _example().reference(None, None, 301, 8)
+    assert all(torch.equal(x, want) for x in ids)

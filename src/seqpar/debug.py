@@ -55,8 +55,10 @@ def describe(x: torch.Tensor) -> str:
     return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device.type}"
 
 
-def check_agree(op: str, group, **meta) -> None:
+def check_agree(op: str, group, *, why: str = "it would hang", **meta) -> None:
     """In debug mode, raise on every rank unless all ranks of ``group`` pass the same ``op`` and ``meta``.
+
+    ``why`` says in the message what disagreeing ranks would cause.
 
     Communication (debug mode only): one all-gather of a short string per rank.
     """
@@ -75,7 +77,7 @@ def check_agree(op: str, group, **meta) -> None:
     odd = [(ranks[i], d) for i, d in enumerate(everyone) if d != expected]
     if odd:
         lines = [f"rank {r} runs {d[0]} with {dict(d[1])}" for r, d in odd]
-        raise ShapeError(f"ranks disagree before {op} (it would hang): most ranks run {expected[0]} with "
+        raise ShapeError(f"ranks disagree before {op} ({why}): most ranks run {expected[0]} with "
                          f"{dict(expected[1])}, but " + "; ".join(lines))
 
 

@@ -202,3 +202,30 @@ def test_example_generates_like_hf_on_one_process(pool):
     ids = pool(4).run(run_example, 301, 8)
     want = _example().reference(None, None, 301, 8)
     assert all(torch.equal(x, want) for x in ids)
+
+
+# ---- debug mode: ranks fed different prompts or tokens fail together, naming the rank ----
+
+def run_disagreeing_ranks(bad_rank: int, stage: str):
+    m = mesh(sp=2)
+    model = hf.apply(build("llama").eval(), m)
+    seqpar.set_debug(True)
+    try:
+        odd = m.rank("sp") == bad_rank
+        ids = data(BATCH, 12, seed=7 if odd and stage == "prefill" else 12)
+        cache, logits = prefill(model, ids)
+        tokens = logits.argmax(-1) + (1 if odd else 0)
+        decode_step(model, cache, tokens % 128)
+    except seqpar.ShapeError as e:
+        return str(e)
+    finally:
+        seqpar.set_debug(False)
+    return None
+
+
+@pytest.mark.parametrize("stage", ["prefill", "decode_step"])
+def test_debug_mode_names_the_rank_fed_other_tokens(pool, stage):
+    msgs = pool(2).run(run_disagreeing_ranks, 1, stage, timeout=60)
+    assert all(m is not None and f"ranks disagree before {stage}" in m for m in msgs), msgs
+    # with two ranks neither is a majority: the message names the other one
+    assert all("rank 1 runs" in m or "rank 0 runs" in m for m in msgs)

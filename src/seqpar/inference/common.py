@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import comm
+from ..debug import check_agree, debug_enabled
 from ..errors import ShapeError, check
 from ..kernels import attention_with_lse, merge_into
 from ..layout import resolve_layout
@@ -50,21 +51,44 @@ def split_prompt(layout, mesh: Mesh, s: int, pad: bool, tp_cut: int = 1) -> SeqI
     return SeqInfo(lay, n, (0, s), (0, padded))
 
 
-def check_prompt(input_ids, reserve: int) -> None:
-    """Raise a ShapeError (on every rank alike, before any collective) for a malformed prompt."""
+_WHY = "every rank must feed the same tokens: the ranks' shards would belong to different sequences"
+
+
+def check_prompt(input_ids, reserve: int, group) -> None:
+    """Raise a ShapeError (on every rank alike, before any collective) for a malformed prompt.
+
+    In debug mode (``SEQPAR_DEBUG=1``) also checks that every rank of ``group`` passes the same
+    prompt (a fingerprint of its ids): one all-gather of a short string.
+    """
     check(isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
           and not input_ids.is_floating_point(), ShapeError,
           f"input_ids must be the full prompt as integer ids [batch, seq] with seq > 0, got "
           f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
     check(isinstance(reserve, int) and reserve >= 0, ShapeError, f"reserve={reserve!r} must be an int >= 0")
+    if debug_enabled():
+        check_agree("prefill", group, why=_WHY, input_ids=input_ids, fingerprint=_fingerprint(input_ids))
 
 
-def check_tokens(token_ids, batch: int) -> None:
-    """Raise a ShapeError (on every rank alike) unless ``token_ids`` is ``[batch]`` integer ids."""
+def _fingerprint(ids: torch.Tensor) -> tuple[int, int]:
+    """Two integers that differ, with near certainty, between different id tensors of one shape."""
+    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64)
+    return int(flat.sum()), int((flat * weights % 1_000_000_007).sum())
+
+
+def check_tokens(token_ids, cache: KVCache) -> None:
+    """Raise a ShapeError (on every rank alike) unless ``token_ids`` is ``[batch]`` integer ids.
+
+    In debug mode also checks that every rank feeds the same tokens at the same cache length.
+    """
+    batch = cache.batch
     check(isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1 and token_ids.shape[0] == batch
           and not token_ids.is_floating_point(), ShapeError,
           f"token_ids must be integer ids [batch={batch}], got "
           f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}")
+    if debug_enabled():
+        check_agree("decode_step", cache.mesh.sp_group, why=_WHY, token_ids=tuple(token_ids.tolist()),
+                    seq_len=cache.seq_len)
 
 
 def new_cache(info: SeqInfo, mesh: Mesh, batch: int, num_layers: int, reserve: int,

@@ -137,7 +137,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
     mesh = _check_model(model, mesh)
     strategy = strategy or model.strategy
     check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
-    check_prompt(input_ids, reserve)
+    check_prompt(input_ids, reserve, mesh.sp_group)
     b, s = input_ids.shape
     n, rank = group_size(mesh.sp_group), group_rank(mesh.sp_group)
     info, lay = _prompt_layout(model, mesh, layout, s, pad)
@@ -205,7 +205,7 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     check(len(cache.layers) == len(model.layers) and all(layer is not None for layer in cache.layers), CacheError,
           f"the cache has {len(cache.layers)} layers filled for a model of {len(model.layers)}: "
           f"use the cache prefill returned for this model")
-    check_tokens(token_ids, cache.batch)
+    check_tokens(token_ids, cache)
     device = model.embed.weight.device
     owner, position = cache.next_owner(), cache.seq_len
     hooks = [_DecodeLayer(layer, owner == cache.rank, mesh.sp_group) for layer in cache.layers]

@@ -137,7 +137,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
     mesh = check_mesh(model, mesh)
     strategy = strategy or s.strategy
     check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
-    check_prompt(input_ids, reserve)
+    check_prompt(input_ids, reserve, mesh.sp_group)
     group = mesh.sp_group
     applied = resolve_layout(s.layout, group, mesh)
     check(layout is None or resolve_layout(layout, group, mesh) == applied, ConfigError,
@@ -181,7 +181,7 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     check(len(cache.layers) == model.config.num_hidden_layers and all(x is not None for x in cache.layers),
           CacheError, f"the cache has {len(cache.layers)} layers for a model of "
                       f"{model.config.num_hidden_layers}: use the cache prefill returned for this model")
-    check_tokens(token_ids, cache.batch)
+    check_tokens(token_ids, cache)
     device = model.get_input_embeddings().weight.device
     owner, position = cache.next_owner(), cache.seq_len
     step = _Decode(cache, owner, position)

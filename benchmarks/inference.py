@@ -114,6 +114,7 @@ def _measure_hf_native(model, ids, cfg: dict) -> dict:
             _sync(device)
             times.append(time.perf_counter() - t0)
         cache, logits, steps = getattr(out, key), out.logits[:, -1], []
+        kv = _kv_bytes(cache)  # after prefill, as for seqpar
         for _ in range(cfg["decode_tokens"]):
             nxt = logits.argmax(-1, keepdim=True)
             _sync(device)
@@ -122,7 +123,7 @@ def _measure_hf_native(model, ids, cfg: dict) -> dict:
             _sync(device)
             steps.append(time.perf_counter() - t0)
             cache, logits = getattr(out, key), out.logits[:, -1]
-    return {"prefill": statistics.median(times[1:]), "kv": _kv_bytes(cache),
+    return {"prefill": statistics.median(times[1:]), "kv": kv,
             "decode": statistics.median(steps[1:] or steps), "peak": None}
 
 

@@ -61,6 +61,25 @@ def test_bfloat16_no_worse_than_the_fused_op(causal, offset):
     assert (out.double() - ref).abs().max().item() <= budget
 
 
+def test_mask_pieces_cover_the_offset_mask_with_square_causal_pieces():
+    """Exhaustive over small blocks: the pieces tile exactly the visible pairs (j <= i + d), each pair
+    once, and every causal piece is square, where top-left and bottom-right kernels agree."""
+    for lq in range(1, 7):
+        for lk in range(1, 7):
+            for d in range(-lq - 1, lk + 1):
+                want = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + d
+                got = torch.zeros(lq, lk, dtype=torch.int64)
+                for p in mask_pieces(lq, lk, True, d):
+                    m, n = p.q.stop - p.q.start, p.k.stop - p.k.start
+                    assert m > 0 and n > 0
+                    if p.causal:
+                        assert m == n, (lq, lk, d, p)
+                        got[p.q, p.k] += torch.ones(m, n, dtype=torch.int64).tril()
+                    else:
+                        got[p.q, p.k] += 1
+                assert torch.equal(got, want.long()), (lq, lk, d)
+
+
 def test_mask_pieces_convention():
     assert mask_pieces(4, 4, False) == mask_pieces(4, 4, True, 3)  # offset >= lk-1 sees everything
     assert mask_pieces(4, 4, True, -4) == []  # offset <= -lq sees nothing

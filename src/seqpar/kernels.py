@@ -24,7 +24,8 @@ Traps of PyTorch's CPU flash op that are handled here: a zero-length input
 kills the process (we never call it with one), q heads not divisible by kv
 heads silently gives NaN (we raise), a fully masked row gives lse 0 instead of
 -inf (pieces never contain a fully masked row; uncovered rows get lse -inf),
-causal is top-left aligned when lengths differ (the offset convention above).
+causal is top-left aligned when lengths differ (CUDA's raw flash op aligns it
+bottom-right: causal pieces are always square, where both agree).
 """
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[
     """Cut the (possibly offset) causal mask of an ``lq x lk`` block into fused-kernel calls.
 
     Returns an empty list when no query sees any key.  Rows not covered by any
-    piece see nothing (their out is 0 and lse is -inf).
+    piece see nothing (their out is 0 and lse is -inf).  Every causal piece is
+    square, so it means the same whether a kernel aligns its causal mask top-left
+    (SDPA, the CPU and efficient kernels) or bottom-right (the raw CUDA flash op).
     """
     if lq == 0 or lk == 0:
         return []
@@ -77,9 +80,18 @@ def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[
         return []
     if d <= 0:
         # rows i < -d see nothing; row i >= -d sees keys 0..i+d: plain causal on q[-d:]
-        return [Piece(slice(-d, lq), slice(0, lk), True)]
+        return _square_causal(-d, lq, 0, lk)
     # 0 < d < lk - 1: keys [0, d) are visible to every row, keys [d, lk) causally
-    return [Piece(slice(0, lq), slice(0, d), False), Piece(slice(0, lq), slice(d, lk), True)]
+    return [Piece(slice(0, lq), slice(0, d), False), *_square_causal(0, lq, d, lk)]
+
+
+def _square_causal(q0: int, q1: int, k0: int, k1: int) -> list[Piece]:
+    """Rows ``[q0, q1)`` attend keys ``[k0, k1)`` top-left causally (row ``q0 + i`` sees keys up to ``k0 + i``),
+    as square causal pieces plus, when rows outnumber keys, an unmasked piece for the rows that see every key."""
+    m, n = q1 - q0, k1 - k0
+    if m <= n:  # keys past k0 + m - 1 are seen by no row
+        return [Piece(slice(q0, q1), slice(k0, k0 + m), True)]
+    return [Piece(slice(q0, q0 + n), slice(k0, k1), True), Piece(slice(q0 + n, q1), slice(k0, k1), False)]
 
 
 # --------------------------------------------------------------------------- backends
@@ -227,14 +239,16 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
     lq, lk = q.shape[1], k.shape[1]
     qt, kt, vt = _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h))
     dot, ot = _bhsd(dout), _bhsd(out)
+    # philox seed/offset are unused without dropout; the cumulative lengths must be None (undefined): a
+    # defined tensor, even an empty one, selects the kernels' variable-length (nested) paths
     empty = torch.empty(0, device=q.device, dtype=torch.int64)
     if backend == "flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dot, qt, kt, vt, ot, lse, empty, empty, lq, lk, 0.0, causal, empty, empty, scale=scale
+            dot, qt, kt, vt, ot, lse, None, None, lq, lk, 0.0, causal, empty, empty, scale=scale
         )
     elif backend == "cudnn":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dot, qt, kt, vt, ot, lse.unsqueeze(-1), empty, empty, None, empty, empty, lq, lk, 0.0, causal, scale=scale
+            dot, qt, kt, vt, ot, lse.unsqueeze(-1), empty, empty, None, None, None, lq, lk, 0.0, causal, scale=scale
         )
     elif backend == "efficient":
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# One command for a GPU session: smoke-test seqpar's CUDA paths, then run the pending GPU measurements.
+#
+# Why one script: a GPU session gets a few minutes of device time and one command per call, so every
+# check is prepared here, each step bounded by its own timeout and the whole run by a time budget,
+# and a failing step never stops the others (no `set -e`). Run from the repository root:
+#
+#     bash benchmarks/gpu_checks.sh
+#
+# Each step's full output goes to its own file under ${OUT:-/tmp/gpu_out} (at most 8 files, what the
+# device tool brings back); stdout gets one status line per step and, at the end, a short digest.
+#
+# Environment:
+#   GPU_CHECKS_DEVICE=cpu   run everything on CPU with tiny sizes (validates flags and non-GPU crashes)
+#   GPU_CHECKS_BUDGET=540   seconds for the whole run; a step's timeout is cut to what is left
+#   PYTHON=python3          the interpreter (seqpar is not installed: PYTHONPATH=src:. is used)
+set -u
+
+OUT_DIR=${OUT:-/tmp/gpu_out}
+DEV=${GPU_CHECKS_DEVICE:-cuda}
+BUDGET=${GPU_CHECKS_BUDGET:-540}
+PY=${PYTHON:-python3}
+KILL_GRACE=5  # after a step's SIGINT (pytest prints its summary, pools close), SIGKILL this much later
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src:. SEQPAR_TEST_DEVICE=$DEV DEV BUDGET PY
+STATUS=()
+
+# run_step NAME FILE TIMEOUT CMD...: CMD's stdout+stderr to FILE, bounded by TIMEOUT and the budget left.
+run_step() {
+    local name=$1 file=$OUT_DIR/$2 limit=$3
+    shift 3
+    local left=$((BUDGET - SECONDS - KILL_GRACE))
+    if ((left < 20)); then
+        STATUS+=("$name: SKIPPED (time budget spent)")
+        echo "[gpu_checks] ${STATUS[-1]}"
+        echo "skipped: ${SECONDS}s of the ${BUDGET}s budget used" >"$file"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "[gpu_checks] $name: running (timeout ${limit}s) -> $file"
+    local start=$SECONDS
+    local rc
+    {
+        echo "\$ $*"
+        echo
+        # SIGINT first: pytest still prints its failures, the benchmarks' worker pools shut down
+        timeout -s INT -k "$KILL_GRACE" "$limit" "$@"
+        rc=$?
+        echo
+        echo "[exit status $rc]"
+    } >"$file" 2>&1
+    local what="ok"
+    case $rc in
+        0) ;;
+        124 | 130 | 137) what="TIMEOUT after ${limit}s (rc $rc; partial output kept)" ;;
+        *) what="FAILED (rc $rc)" ;;
+    esac
+    STATUS+=("$name: $what in $((SECONDS - start))s")
+    echo "[gpu_checks] ${STATUS[-1]}"
+}
+
+env_info() {
+    echo "date: $(date -u +%FT%TZ)  device mode: $DEV  budget: ${BUDGET}s"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    nvidia-smi -L 2>&1 || echo "(no nvidia-smi)"
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,compute_cap --format=csv 2>&1 || true
+    echo "nproc: $(nproc)"
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+try:
+    import transformers
+    print("transformers", transformers.__version__)
+except Exception as exc:  # the HF step needs it; say so here
+    print("transformers: not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("cuda:0", p.name, f"cc {p.major}.{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
+    import torch.distributed as dist
+    print("gloo", dist.is_gloo_available(), "| nccl", dist.is_nccl_available())
+EOF
+}
+
+if [ "$DEV" = cpu ]; then  # tiny sizes: the same flags and code paths, minutes on a laptop
+    RING=(--heads 4 --kv-heads 4 --head-dim 64 --nproc 8 --seq-lens 1024 2048)
+    PLAN=(--seq-lens 256 512)
+    INF=(--nproc 4 --hidden 256 --heads 4 --kv-heads 2 --layers 2 --prompt-lens 256 512 --decode-tokens 4 --reps 1)
+else
+    RING=(--heads 32 --kv-heads 32 --head-dim 128 --nproc 8 --seq-lens 32768 131072)
+    PLAN=(--seq-lens 4096 16384)
+    INF=(--nproc 4 --hidden 2048 --heads 16 --kv-heads 4 --layers 8 --prompt-lens 8192 32768)
+fi
+
+export -f env_info  # timeout runs programs, not functions
+run_step env 00_env.txt 30 bash -c env_info
+# not -x: one broken kernel must not hide the state of every other path; --maxfail bounds a cascade
+run_step tests 01_tests.txt 150 "$PY" -m pytest -q -rfEs --maxfail=25 --durations=10 -p no:cacheprovider tests/gpu
+run_step ring_efficiency 02_ring_efficiency.md 150 \
+    "$PY" benchmarks/attention.py --emulate-ring --device "$DEV" --dtype bfloat16 "${RING[@]}" --backward --reps 3
+run_step plan_validation 03_plan_validation.md 90 \
+    "$PY" benchmarks/plan_validation.py --device "$DEV" --dtype bfloat16 "${PLAN[@]}"
+run_step inference 04_inference.md 120 \
+    "$PY" benchmarks/inference.py --device "$DEV" --dtype bfloat16 "${INF[@]}"
+run_step inference_hf 05_inference_hf.md 90 \
+    "$PY" benchmarks/inference.py --model hf --device "$DEV" --dtype bfloat16 "${INF[@]}"
+
+# digest: what the device tool's 12,000-character output tail should show even if no file comes back
+{
+    echo "== status (${SECONDS}s of ${BUDGET}s)"
+    printf '%s\n' "${STATUS[@]}"
+    echo "== env"
+    grep -E "^(python|transformers|cuda:0|GPU )" "$OUT_DIR/00_env.txt"
+    echo "== tests"
+    grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|error|KeyboardInterrupt" "$OUT_DIR/01_tests.txt" |
+        cut -c1-240 | tail -n 40
+    for f in 02_ring_efficiency.md 03_plan_validation.md 04_inference.md 05_inference_hf.md; do
+        echo "== $f"
+        grep -E "^\| [0-9A-Za-z]|^largest|Error|error:" "$OUT_DIR/$f" | cut -c1-200 | tail -n 20
+        tail -n 2 "$OUT_DIR/$f"
+    done
+} >"$OUT_DIR/06_summary.txt" 2>&1
+cat "$OUT_DIR/06_summary.txt"

@@ -22,7 +22,7 @@ BUDGET=${GPU_CHECKS_BUDGET:-540}
 PY=${PYTHON:-python3}
 KILL_GRACE=5  # after a step's SIGINT (pytest prints its summary, pools close), SIGKILL this much later
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 PYTHONPATH=src:. SEQPAR_TEST_DEVICE=$DEV DEV BUDGET PY
+export PYTHONUNBUFFERED=1 PYTHONPATH=src:. SEQPAR_TEST_DEVICE=$DEV DEV BUDGET PY  # cuda: fail, not fall back
 STATUS=()
 
 # run_step NAME FILE TIMEOUT CMD...: CMD's stdout+stderr to FILE, bounded by TIMEOUT and the budget left.

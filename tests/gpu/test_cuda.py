@@ -6,9 +6,9 @@ written but cannot run in CI. These tests are the first thing a GPU session runs
 (``benchmarks/gpu_checks.sh``), so they are small (about a minute on one GPU) and compare
 every path against float64 references, as the CPU suite does.
 
-``SEQPAR_TEST_DEVICE`` names the device (default ``cuda``). Without CUDA the module is skipped;
-``SEQPAR_TEST_DEVICE=cpu`` runs the same checks on CPU, which is how they are validated without
-a GPU. One GPU cannot hold two NCCL ranks, so multi-rank tests run several processes on cuda:0
+``SEQPAR_TEST_DEVICE`` names the device (default: ``cuda`` where available, else ``cpu``, so
+CI on CPU runs these very checks and they cannot rot between GPU sessions; they take seconds).
+``SEQPAR_TEST_DEVICE=cuda`` without CUDA skips the module. One GPU cannot hold two NCCL ranks, so multi-rank tests run several processes on cuda:0
 over gloo (collectives take CUDA tensors; point-to-point sends do not, which is why the ring
 transport is left on ``auto`` = all-to-all over gloo).
 """
@@ -32,7 +32,7 @@ from seqpar.models import LlamaForCausalLM
 from seqpar.training import causal_lm_loss, shift_labels, sync_gradients
 from tests.helpers import DTYPES, max_err, mesh, qkv, sdpa_reference
 
-DEVICE = os.environ.get("SEQPAR_TEST_DEVICE", "cuda")
+DEVICE = os.environ.get("SEQPAR_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip(f"SEQPAR_TEST_DEVICE={DEVICE} but torch.cuda.is_available() is False "
                 "(set SEQPAR_TEST_DEVICE=cpu to run these checks on CPU)", allow_module_level=True)

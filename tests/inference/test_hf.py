@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers", minversion="4.53",
                                    reason="needs transformers>=4.53 (pip install transformers)")
 
 import seqpar  # noqa: E402
-from seqpar.inference import CacheError, decode_step, generate, prefill  # noqa: E402
+from seqpar.inference import CacheError, KVCache, decode_step, generate, prefill  # noqa: E402
 from seqpar.integrations import hf  # noqa: E402
 from tests.helpers import mesh  # noqa: E402
 from tests.integrations.test_hf import build, data  # noqa: E402
@@ -55,7 +55,8 @@ def run_generate(arch: str, s: int, new: int, strategy: str, layout: str, degree
         logits = decode_step(model, cache, logits.argmax(-1))
         steps.append(logits)
     return {"tokens": tokens, "logits": steps, "prefill": after_prefill, "lengths": list(cache.lengths),
-            "positions": cache.positions.tolist(), "rank": m.rank("sp"), "nbytes": cache.nbytes()}
+            "positions": cache.positions.tolist(), "rank": m.rank("sp"), "nbytes": cache.nbytes(),
+            "layer_lens": [layer.len for layer in cache.layers]}
 
 
 CASES = [  # arch, world, strategy, degrees, layout, prompt length
@@ -68,6 +69,15 @@ CASES = [  # arch, world, strategy, degrees, layout, prompt length
     ("qwen3", 2, "ulysses", {}, "zigzag", 20),
     ("gemma3", 2, "ring", {}, "zigzag", 19),  # query_pre_attn_scalar, sliding + full layers, final softcap
 ]
+#: each layer's sliding window in the tiny models of tests/integrations/test_hf.py (None: full attention)
+WINDOWS = {"llama": [None, None], "mistral": [6, 6], "qwen2": [None, 5], "qwen3": [None, None],
+           "gemma3": [6, None]}
+
+
+def _expected_len(positions: list[int], window: int | None, query: int) -> int:
+    """Tokens a layer keeps: all of the rank's, or on a window layer those the query at ``query`` (and any
+    later one) can still see."""
+    return len(positions) if window is None else sum(p > query - window for p in positions)
 
 
 @pytest.mark.parametrize("arch,world,strategy,degrees,layout,s", CASES,
@@ -79,20 +89,28 @@ def test_greedy_generation_equals_one_device(pool, arch, world, strategy, degree
         assert torch.equal(r["tokens"], ref_ids), (r["tokens"][:, s:], ref_ids[:, s:])
         for got, want in zip(r["logits"], ref_steps):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    # after prefill each rank holds its own real prompt tokens only (no padding), in [B, n, Hkv, D]
+    # after prefill each rank holds its own real prompt tokens only (no padding), in [B, n, Hkv, D];
+    # a sliding-window layer only those the first decoded token (at position s) can see
     by_rank = {r["rank"]: r for r in res}
     assert sorted(p for r in by_rank.values() for p in r["prefill"]["positions"]) == list(range(s))
-    hkv, d = 2, 16
+    hkv, d, windows = 2, 16, WINDOWS[arch]
     for rank, r in by_rank.items():
-        lengths = r["prefill"]["lengths"]
-        assert sum(lengths) == s and lengths[rank] == len(r["prefill"]["positions"]) < s
-        assert all(shape == (BATCH, lengths[rank], hkv, d) for shape in r["prefill"]["k_shapes"])
-    # after decoding NEW - 1 tokens: every position cached exactly once, shards within one token
+        lengths, mine = r["prefill"]["lengths"], r["prefill"]["positions"]
+        assert sum(lengths) == s and lengths[rank] == len(mine) < s
+        assert r["prefill"]["k_shapes"] == [(BATCH, _expected_len(mine, w, s), hkv, d) for w in windows]
+    # after decoding NEW - 1 tokens: every position held by one rank, shards within one token; window
+    # layers hold exactly the last `window` tokens over all ranks (the last query sat at s + NEW - 2)
     lengths = res[0]["lengths"]
     assert all(r["lengths"] == lengths for r in res) and max(lengths) - min(lengths) <= 1
     assert sorted(p for r in by_rank.values() for p in r["positions"]) == list(range(s + NEW - 1))
+    last = s + NEW - 2
+    for i, w in enumerate(windows):
+        held = sum(r["layer_lens"][i] for r in by_rank.values())
+        assert held == (s + NEW - 1 if w is None else w), (i, w, held)
     for rank, r in by_rank.items():
-        assert r["nbytes"] == 2 * 2 * BATCH * lengths[rank] * hkv * d * 4  # 2 layers, k and v, float32
+        want = [_expected_len(r["positions"], w, last) for w in windows]
+        assert r["layer_lens"] == want
+        assert r["nbytes"] == sum(2 * BATCH * n * hkv * d * 4 for n in want)  # k and v, float32
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])
@@ -229,3 +247,21 @@ def test_debug_mode_names_the_rank_fed_other_tokens(pool, stage):
     assert all(m is not None and f"ranks disagree before {stage}" in m for m in msgs), msgs
     # with two ranks neither is a majority: the message names the other one
     assert all("rank 1 runs" in m or "rank 0 runs" in m for m in msgs)
+
+
+def test_window_layers_of_an_unordered_rank_mask_instead_of_forgetting(monkeypatch):
+    """A rank whose positions do not ascend (no built-in layout does this) keeps every key and selects
+    the window's keys at each step: the same tokens."""
+    from seqpar.inference import common
+
+    class Unordered(KVCache):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.ordered = False
+
+    monkeypatch.setattr(common, "KVCache", Unordered)
+    model = hf.apply(build("mistral").eval(), seqpar.Mesh())
+    ids = data(BATCH, 23, seed=23)
+    cache, logits = prefill(model, ids)
+    assert isinstance(cache, Unordered) and all(layer.len == 23 for layer in cache.layers)
+    assert torch.equal(generate(model, ids, NEW), _reference("mistral", 23)[0])

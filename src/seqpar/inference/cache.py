@@ -30,9 +30,13 @@ class LayerCache:
     Stored head-major (``[B, Hkv, capacity, D]``) so that each head's keys are one contiguous
     block: decode reads the whole cache once per token, and attention kernels read a head's
     keys fastest that way (on CPU the flash kernel ran 1.3-1.6x faster on a head-major 8k cache
-    than on a token-major one).  :attr:`k` / :attr:`v` are BSHD views of the filled part.
-    Storage has spare capacity (``reserve`` at creation, doubling when full), so appending
-    one decoded token is a copy into place, not a reallocation of the whole shard.
+    than on a token-major one).  :attr:`k` / :attr:`v` are BSHD views of the live part.
+
+    A layer holds the *last* ``len`` tokens of its rank (in the rank's token order): all of
+    them, or, on a sliding-window layer, only those a future query can still see
+    (:meth:`drop_front` forgets the others).  Storage has spare capacity (``reserve`` at
+    creation); a full buffer first reuses the room freed at its front, then doubles, so
+    appending one decoded token is a copy into place, amortised O(1).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
@@ -41,56 +45,72 @@ class LayerCache:
         b, s, h, d = k.shape
         self._k = k.new_empty(b, h, s + max(reserve, 0), d)
         self._v = v.new_empty(b, h, s + max(reserve, 0), d)
-        self.len = 0
+        self._start = self._end = 0  # the live tokens are storage slots [start, end)
+        self._step = 0  # tokens appended since the current decode step began (undone by rollback)
         self._write(k, v)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         m = k.shape[1]
-        self._k[:, :, self.len:self.len + m].copy_(k.transpose(1, 2))
-        self._v[:, :, self.len:self.len + m].copy_(v.transpose(1, 2))
-        self.len += m
+        self._k[:, :, self._end:self._end + m].copy_(k.transpose(1, 2))
+        self._v[:, :, self._end:self._end + m].copy_(v.transpose(1, 2))
+        self._end += m
+
+    @property
+    def len(self) -> int:
+        """Live tokens."""
+        return self._end - self._start
 
     @property
     def k(self) -> torch.Tensor:
         """``[B, len, Hkv_local, D]`` cached keys (a view of head-major storage)."""
-        return self._k[:, :, :self.len].transpose(1, 2)
+        return self._k[:, :, self._start:self._end].transpose(1, 2)
 
     @property
     def v(self) -> torch.Tensor:
         """``[B, len, Hkv_local, D]`` cached values (a view of head-major storage)."""
-        return self._v[:, :, :self.len].transpose(1, 2)
+        return self._v[:, :, self._start:self._end].transpose(1, 2)
 
     @property
     def capacity(self) -> int:
         return self._k.shape[2]
 
     def reserve(self, extra: int) -> None:
-        """Make room for ``extra`` more tokens without reallocating later."""
-        need = self.len + extra
-        if need > self.capacity:
+        """Make room for ``extra`` more tokens without reallocating later (live tokens move to the front)."""
+        need, cap = self.len + extra, self.capacity
+        if need > cap - self._start:
+            size = max(need, cap)
             for name in ("_k", "_v"):
                 old = getattr(self, name)
-                new = old.new_empty(old.shape[0], old.shape[1], need, old.shape[3])
-                new[:, :, :self.len].copy_(old[:, :, :self.len])
+                new = old if size == cap else old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
+                # a copy through a temporary when in place: source and target may overlap
+                new[:, :, :self.len] = old[:, :, self._start:self._end].clone() if new is old else \
+                    old[:, :, self._start:self._end]
                 setattr(self, name, new)
+            self._start, self._end = 0, self.len
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add ``k, v [B, m, Hkv_local, D]`` at the end (grows the storage geometrically when full)."""
+        """Add ``k, v [B, m, Hkv_local, D]`` at the end (reuses freed room, else doubles the storage)."""
         b, h, _, d = self._k.shape
         check(k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, h, d) and k.shape == v.shape,
               CacheError, f"cannot append k {tuple(k.shape)} / v {tuple(v.shape)} to a cache of "
                           f"[B={b}, *, Hkv={h}, D={d}]")
         m = k.shape[1]
-        if self.len + m > self.capacity:
-            self.reserve(max(m, self.capacity))  # doubling: amortised O(1) copies per token
+        if self._end + m > self.capacity:
+            # compact when at least half the buffer is free, else double: amortised O(1) copies per token
+            self.reserve(max(m, self.len if 2 * self.len <= self.capacity else self.capacity))
         self._write(k, v)
+        self._step += m
+
+    def drop_front(self, count: int) -> None:
+        """Forget the ``count`` oldest live tokens (outside every future query's sliding window)."""
+        self._start += min(max(count, 0), self.len)
 
     def nbytes(self) -> int:
-        """Bytes of the filled part (keys and values)."""
+        """Bytes of the live part (keys and values)."""
         return 2 * self.k.numel() * self._k.element_size()
 
     def capacity_bytes(self) -> int:
-        """Bytes allocated (filled part plus spare capacity)."""
+        """Bytes allocated (live part plus spare capacity)."""
         return 2 * self._k.numel() * self._k.element_size()
 
 
@@ -119,6 +139,9 @@ class KVCache:
         self.prompt_len = prompt_len
         self.batch = batch
         self.layers: list[LayerCache | None] = [None] * num_layers
+        # this rank's positions ascend in cache order (every built-in layout; decoded tokens come later):
+        # a sliding-window layer can then keep a suffix of the rank's tokens and forget a prefix
+        self.ordered = bool((positions[1:] > positions[:-1]).all())
 
     @property
     def positions(self) -> torch.Tensor:
@@ -161,6 +184,19 @@ class KVCache:
         """Bytes this rank has allocated for the cache (including spare capacity)."""
         return sum(layer.capacity_bytes() for layer in self.layers if layer is not None)
 
+    def tail_positions(self, count: int) -> torch.Tensor:
+        """``[count]`` global positions of this rank's last ``count`` cached tokens."""
+        decoded = self._decoded_positions[max(0, len(self._decoded_positions) - count):]
+        rest = count - len(decoded)
+        prompt = self._prompt_positions[self._prompt_positions.numel() - rest:] if rest > 0 else \
+            self._prompt_positions[:0]
+        return torch.cat([prompt, prompt.new_tensor(decoded)])
+
+    def _begin_step(self) -> None:
+        for layer in self.layers:
+            if layer is not None:
+                layer._step = 0
+
     def _commit(self, owner: int, position: int) -> None:
         """Record one decoded token stored on ``owner`` at global ``position`` (after every layer appended)."""
         self.lengths[owner] += 1
@@ -168,10 +204,12 @@ class KVCache:
             self._decoded_positions.append(position)
 
     def _rollback(self) -> None:
-        """Undo the appends of a decode step that failed part-way (layers hold more than ``local_len``)."""
+        """Undo the appends of a decode step that failed part-way.  (Tokens a window layer dropped stay
+        dropped: they are outside the window of the step's query, and so of every later one.)"""
         for layer in self.layers:
             if layer is not None:
-                layer.len = min(layer.len, self.local_len)
+                layer._end -= layer._step
+                layer._step = 0
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -209,6 +209,7 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     device = model.embed.weight.device
     owner, position = cache.next_owner(), cache.seq_len
     hooks = [_DecodeLayer(layer, owner == cache.rank, mesh.sp_group) for layer in cache.layers]
+    cache._begin_step()
     try:
         with torch.no_grad(), _replicated_tp(model):
             logits = model(token_ids.to(device)[:, None], position_ids=torch.tensor([position], device=device),

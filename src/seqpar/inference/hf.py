@@ -88,11 +88,20 @@ class _Prefill:
     def __init__(self, cache: KVCache, keep: torch.Tensor | None, spare: int, strategy: str):
         self.cache, self.keep, self.spare, self.strategy = cache, keep, spare, strategy
 
-    def store(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``k, v [B, S/sp, Hkv, D]`` this rank's roped keys and values (padding included)."""
-        if self.keep is not None:
-            k, v = k.index_select(1, self.keep), v.index_select(1, self.keep)
-        self.cache.layers[_layer_index(module, self.cache)] = LayerCache(k, v, reserve=self.spare)  # copies
+    def store(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+        """``k, v [B, S/sp, Hkv, D]`` this rank's roped keys and values (padding included).
+
+        A sliding-window layer keeps only the keys a decoded token can still see: the first one
+        sits at the prompt length ``s`` and sees positions ``> s - window``, later ones less.
+        """
+        keep, cache = self.keep, self.cache
+        if window is not None and cache.ordered:
+            first = int((cache.tail_positions(cache.local_len) <= cache.prompt_len - int(window)).sum())
+            if first:
+                keep = (torch.arange(cache.local_len, device=k.device) if keep is None else keep)[first:]
+        if keep is not None:
+            k, v = k.index_select(1, keep), v.index_select(1, keep)
+        cache.layers[_layer_index(module, cache)] = LayerCache(k, v, reserve=self.spare)  # copies
 
 
 class _Decode:
@@ -105,23 +114,39 @@ class _Decode:
         self.own = owner == cache.rank
         self._keys: dict[int, torch.Tensor | None] = {}  # visible cached keys per window size, once per step
 
-    def _visible(self, window: int | None, device: torch.device) -> torch.Tensor | None:
-        if window is None:
-            return None
+    def _positions(self, count: int) -> torch.Tensor:
+        """Positions of this rank's last ``count`` tokens, the new one included where this rank owns it."""
+        if not self.own:
+            return self.cache.tail_positions(count)
+        before = self.cache.tail_positions(count - 1)
+        return torch.cat([before, before.new_tensor([self.position])])
+
+    def _visible(self, window: int, device: torch.device) -> torch.Tensor | None:
+        """Indices of the visible keys, for a rank whose positions do not ascend (no built-in layout)."""
         if window not in self._keys:
-            pos = self.cache.positions
-            if self.own:  # the new token, appended before attending
-                pos = torch.cat([pos, pos.new_tensor([self.position])])
-            keys = window_keys(pos, self.position, window)
+            keys = window_keys(self._positions(self.cache.local_len + self.own), self.position, window)
             self._keys[window] = None if keys is None else keys.to(device)
         return self._keys[window]
 
     def decode(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float | None, sliding_window: int | None) -> torch.Tensor:
-        """q ``[B, 1, H, D]``, k/v ``[B, 1, Hkv, D]`` -> ``[B, 1, H, D]``: see decode_attention."""
+        """q ``[B, 1, H, D]``, k/v ``[B, 1, Hkv, D]`` -> ``[B, 1, H, D]``: see decode_attention.
+
+        On a sliding-window layer the keys that fell out of the window are forgotten (they are
+        outside every later query's window too), so the layer holds at most ``window`` tokens
+        over all ranks, as HF's sliding-window caches do on one device.
+        """
         layer = self.cache.layers[_layer_index(module, self.cache)]
-        keys = self._visible(None if sliding_window is None else int(sliding_window), q.device)
-        return decode_attention(layer, self.own, q, k, v, self.cache.mesh.sp_group, scale=scale, keys=keys)
+        group = self.cache.mesh.sp_group
+        if sliding_window is None:
+            return decode_attention(layer, self.own, q, k, v, group, scale=scale)
+        window = int(sliding_window)
+        if not self.cache.ordered:
+            return decode_attention(layer, self.own, q, k, v, group, scale=scale, keys=self._visible(window, q.device))
+        if self.own:  # stored before attending, as decode_attention would
+            layer.append(k, v)
+        layer.drop_front(int((self._positions(layer.len) <= self.position - window).sum()))
+        return decode_attention(layer, False, q, k, v, group, scale=scale)
 
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None, strategy: str | None = None, *,
@@ -185,6 +210,7 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     device = model.get_input_embeddings().weight.device
     owner, position = cache.next_owner(), cache.seq_len
     step = _Decode(cache, owner, position)
+    cache._begin_step()
     try:
         with torch.no_grad():
             out = model(input_ids=token_ids.to(device)[:, None],

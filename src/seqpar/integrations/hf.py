@@ -182,7 +182,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             window = (int(sliding_window) - 1, 0)
     s.calls += 1
     if step is not None:  # prefill: keep this rank's keys and values, then attend as in training
-        step.store(module, k, v)
+        step.store(module, k, v, sliding_window)
     out = attention(q, k, v, causal=causal, strategy=step.strategy if step is not None else s.strategy,
                     mesh=s.mesh, layout=s.layout, seq_info=info, scale=scaling, window=window)
     return out, None

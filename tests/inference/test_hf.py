@@ -265,3 +265,15 @@ def test_window_layers_of_an_unordered_rank_mask_instead_of_forgetting(monkeypat
     cache, logits = prefill(model, ids)
     assert isinstance(cache, Unordered) and all(layer.len == 23 for layer in cache.layers)
     assert torch.equal(generate(model, ids, NEW), _reference("mistral", 23)[0])
+
+
+def run_data_parallel_generate(s: int):
+    """dp=2 x sp=2: each data-parallel replica generates from its own prompt over its own sp pair."""
+    m = mesh(dp=2, sp=2)
+    model = hf.apply(build("qwen2").eval(), m)
+    return m.rank("dp"), generate(model, data(BATCH, s + m.rank("dp"), seed=s + m.rank("dp")), NEW)
+
+
+def test_data_parallel_replicas_generate_independently(pool):
+    for dp_rank, ids in pool(4).run(run_data_parallel_generate, 26):
+        assert torch.equal(ids, _reference("qwen2", 26 + dp_rank)[0])

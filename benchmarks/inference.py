@@ -12,7 +12,9 @@ pool, so it gets the compute of one rank (``--threads`` torch threads).  Reporte
 
 ``--model hf`` runs a Hugging Face ``transformers`` Llama of the same sizes prepared by
 ``seqpar.integrations.hf.apply``; its one-device baseline is then the stock HF model
-(sdpa attention, HF's own ``DynamicCache``), i.e. what an HF user runs today.
+(sdpa attention, HF's own ``DynamicCache``), i.e. what an HF user runs today.  ``--window W``
+makes it a Mistral with a sliding window of ``W`` on every layer (both caches then keep
+about ``W`` tokens per layer).
 
 Examples::
 
@@ -77,15 +79,18 @@ def _measure(model, ids, mesh, cfg: dict, barrier) -> dict:
 
 
 def _hf_model(cfg: dict, dtype, device):
+    """A transformers Llama of the benchmark's sizes, or a Mistral (sliding window on every layer) with --window."""
     import transformers
 
-    hcfg = transformers.LlamaConfig(hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
-                                    num_key_value_heads=cfg["kv_heads"], num_hidden_layers=cfg["layers"],
-                                    intermediate_size=cfg["ffn"], vocab_size=cfg["vocab"],
-                                    max_position_embeddings=max(8192, 2 * cfg["prompt_len"]),
-                                    attn_implementation="sdpa")
+    sizes = dict(hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+                 num_hidden_layers=cfg["layers"], intermediate_size=cfg["ffn"], vocab_size=cfg["vocab"],
+                 max_position_embeddings=max(8192, 2 * cfg["prompt_len"]), attn_implementation="sdpa")
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(hcfg).to(device=device, dtype=dtype).eval()
+    if cfg["window"]:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**sizes, sliding_window=cfg["window"]))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _kv_bytes(hf_cache) -> int:
@@ -174,6 +179,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--model", default="seqpar", choices=("seqpar", "hf"),
                    help="seqpar's reference Llama, or a transformers Llama (baseline: stock HF on one device)")
+    p.add_argument("--window", type=int, default=0,
+                   help="(--model hf) a Mistral with this sliding window on every layer instead of a Llama")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ulysses", type=int, default=1, help="ulysses degree (with --strategy usp)")
@@ -199,7 +206,8 @@ def main() -> None:
     from seqpar.workers import WorkerPool
 
     print(f"`python benchmarks/inference.py {shlex.join(sys.argv[1:])}`\n")
-    print(f"# {ns.model} model; {ns.nproc} ranks on {ns.device} (gloo, {ns.threads} thread(s) each) vs one device "
+    what = f"{ns.model} model" + (f" (Mistral, window {ns.window})" if ns.window else "")
+    print(f"# {what}; {ns.nproc} ranks on {ns.device} (gloo, {ns.threads} thread(s) each) vs one device "
           f"({ns.threads} "
           f"thread(s)); {ns.dtype}; h={ns.hidden} heads={ns.heads} kv={ns.kv_heads} layers={ns.layers} "
           f"vocab={ns.vocab} B={ns.batch}; prefill {ns.strategy}/{ns.layout}, median of {ns.reps}; decode median "
@@ -210,8 +218,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     with WorkerPool(ns.nproc, threads_per_rank=ns.threads, timeout=1800.0) as pool:
         for s in ns.prompt_lens:
-            cfg = {k: getattr(ns, k) for k in ("model", "device", "dtype", "ulysses", "strategy", "layout", "batch",
-                                               "hidden", "heads", "kv_heads", "layers", "ffn", "vocab",
+            cfg = {k: getattr(ns, k) for k in ("model", "window", "device", "dtype", "ulysses", "strategy", "layout",
+                                               "batch", "hidden", "heads", "kv_heads", "layers", "ffn", "vocab",
                                                "decode_tokens", "reps")}
             cfg["prompt_len"] = s
             res = pool.run(this.bench_rank, cfg)

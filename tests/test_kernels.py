@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqpar import ShapeError
-from seqpar.kernels import attention_with_lse, mask_pieces, merge, reference_attention
+from seqpar.kernels import attention_with_lse, mask_pieces, merge, merge_into, reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -135,3 +135,18 @@ def test_gradcheck_float64(backend, causal, offset):
     q, k, v = (t.requires_grad_() for t in _inputs(1, 5, 6, 2, 1, 4))
     fn = lambda q, k, v: attention_with_lse(q, k, v, causal=causal, causal_offset=offset, backend=backend)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_merge_edge_rows():
+    """No key on either side gives out 0 and lse -inf; one empty side gives the other exactly; NaN spreads;
+    accumulators of another float dtype than the parts' lse are fine."""
+    ninf = float("-inf")
+    out_a, out_b = torch.ones(1, 3, 1, 2), 2 * torch.ones(1, 3, 1, 2)
+    lse_a, lse_b = torch.tensor([[[ninf, ninf, 0.5]]]), torch.tensor([[[ninf, 0.25, float("nan")]]])
+    out, lse = merge(out_a, lse_a, out_b, lse_b)
+    assert out[0, 0].eq(0).all() and lse[0, 0, 0] == ninf
+    assert out[0, 1].eq(2).all() and lse[0, 0, 1] == 0.25
+    assert out[0, 2].isnan().all() and lse[0, 0, 2].isnan()
+    acc, acc_lse = torch.zeros(1, 3, 1, 2, dtype=torch.float64), torch.full((1, 1, 3), ninf)
+    merge_into(acc, acc_lse, out_b, torch.zeros(1, 1, 3))
+    assert acc.eq(2).all() and acc_lse.eq(0).all()

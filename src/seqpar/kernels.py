@@ -317,6 +317,7 @@ def merge(out_a, lse_a, out_b, lse_b):
     out = out_a.to(acc).clone()
     lse = lse_a.to(acc).clone()
     merge_into(out, lse, out_b, lse_b)
+    out.masked_fill_(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), 0.0)  # no key on either side: out 0
     return out, lse
 
 
@@ -327,12 +328,13 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
     one in-place pass over the ``[B, L, H, D]`` accumulator instead of four (two products, a
     sum, a temporary), which is what the merge costs per ring step: it is memory-bound and
     runs once per block.  Where no key is visible on either side (both lse -inf), w_new is 0
-    and the accumulator keeps its zeros; a NaN lse still propagates.
+    and the accumulator keeps its value: every producer in this package writes out 0 on rows
+    whose lse is -inf (:func:`merge` zeroes them for other callers).  A NaN lse still propagates.
     """
     lse = lse.to(acc_lse.dtype)
     new_lse = torch.logaddexp(acc_lse, lse)
     finite = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_new = torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(lse - finite).to(acc_out.dtype).transpose(1, 2).unsqueeze(-1)
     acc_out.lerp_(out.to(acc_out.dtype), w_new)
     acc_lse.copy_(new_lse)
 

@@ -36,7 +36,7 @@ def test_layer_cache_is_head_major_and_refuses_mismatched_appends():
     g = torch.Generator().manual_seed(1)
     layer = LayerCache(*_kv(4, g))
     assert layer._k.shape == (2, 3, 4, 4)  # [B, Hkv, capacity, D]: a head's keys are contiguous
-    with pytest.raises(CacheError, match="cannot append"):
+    with pytest.raises(CacheError, match="do not fit a cache of"):
         layer.append(torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
 
 

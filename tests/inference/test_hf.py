@@ -277,3 +277,20 @@ def run_data_parallel_generate(s: int):
 def test_data_parallel_replicas_generate_independently(pool):
     for dp_rank, ids in pool(4).run(run_data_parallel_generate, 26):
         assert torch.equal(ids, _reference("qwen2", 26 + dp_rank)[0])
+
+
+def run_cache_of_another_model():
+    """Decode with a cache filled by a model of another kv-head count: every rank fails alike, none hangs."""
+    m = mesh(sp=2)
+    cache, logits = prefill(hf.apply(build("llama").eval(), m), data(BATCH, 12, seed=12))
+    other = hf.apply(build("llama", num_key_value_heads=1).eval(), m)
+    try:
+        decode_step(other, cache, logits.argmax(-1))
+    except CacheError as e:
+        return str(e)
+    return None
+
+
+def test_a_misfit_cache_fails_on_every_rank(pool):
+    msgs = pool(2).run(run_cache_of_another_model, timeout=60)
+    assert all(m is not None and "do not fit a cache of [B=2, *, Hkv=2, D=16]" in m for m in msgs), msgs

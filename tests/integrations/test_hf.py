@@ -250,6 +250,9 @@ def test_unsupported_models_are_refused():
     cfg = transformers.Gemma2Config(**{**SMALL, "head_dim": 16})
     gemma2 = hf.apply(transformers.Gemma2ForCausalLM(cfg), seqpar.Mesh())
     assert "soft-capping" in _errors(gemma2, input_ids=data(1, 8))
+    with pytest.raises(ConfigError, match=r"rope_type \['dynamic'\].*static RoPE scaling"):
+        hf.apply(build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), seqpar.Mesh())
+    hf.apply(build("llama", rope_scaling={"rope_type": "linear", "factor": 2.0}), seqpar.Mesh())  # static: fine
     with pytest.raises(ConfigError, match="tp=2"):
         hf.apply(build("llama"), seqpar.Mesh(tp=2))
     with pytest.raises(ConfigError, match="unknown strategy"):

@@ -78,22 +78,33 @@ class LayerCache:
         """Make room for ``extra`` more tokens without reallocating later (live tokens move to the front)."""
         need, cap = self.len + extra, self.capacity
         if need > cap - self._start:
-            size = max(need, cap)
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old if size == cap else old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
-                # a copy through a temporary when in place: source and target may overlap
-                new[:, :, :self.len] = old[:, :, self._start:self._end].clone() if new is old else \
-                    old[:, :, self._start:self._end]
-                setattr(self, name, new)
+            size, live = max(need, cap), slice(self._start, self._end)
+            if size == cap:  # compact in place, through a temporary: source and target may overlap
+                moved = [(buf, buf[:, :, live].clone()) for buf in (self._k, self._v)]
+            else:  # both buffers allocated before either replaces the old one: a failed allocation changes nothing
+                moved = [(buf.new_empty(buf.shape[0], buf.shape[1], size, buf.shape[3]), buf[:, :, live])
+                         for buf in (self._k, self._v)]
+            for new, part in moved:
+                new[:, :, :part.shape[2]] = part
+            (self._k, _), (self._v, _) = moved
             self._start, self._end = 0, self.len
+
+    def check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise a CacheError unless ``k, v [B, m, Hkv_local, D]`` fit this cache (batch, heads, dim, dtype).
+
+        Decode calls it on every rank, not only on the rank that appends: the shapes are the same
+        everywhere, so a cache used with another model fails on all ranks before the merge's
+        collective instead of on one rank while the others wait in it.
+        """
+        b, h, _, d = self._k.shape
+        check(k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, h, d) and k.shape == v.shape
+              and k.dtype == v.dtype == self._k.dtype, CacheError,
+              f"k {tuple(k.shape)} {k.dtype} / v {tuple(v.shape)} do not fit a cache of [B={b}, *, Hkv={h}, D={d}] "
+              f"{self._k.dtype}: use the cache that prefill returned for this model and batch")
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add ``k, v [B, m, Hkv_local, D]`` at the end (reuses freed room, else doubles the storage)."""
-        b, h, _, d = self._k.shape
-        check(k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, h, d) and k.shape == v.shape,
-              CacheError, f"cannot append k {tuple(k.shape)} / v {tuple(v.shape)} to a cache of "
-                          f"[B={b}, *, Hkv={h}, D={d}]")
+        self.check(k, v)
         m = k.shape[1]
         if self._end + m > self.capacity:
             # compact when at least half the buffer is free, else double: amortised O(1) copies per token

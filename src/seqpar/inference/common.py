@@ -178,6 +178,7 @@ def decode_attention(layer: LayerCache, own: bool, q: torch.Tensor, k: torch.Ten
     """
     check(q.shape[1] == 1 and k.shape[1] == 1, ShapeError,
           f"decode attends one new token per sequence, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    layer.check(k, v)  # on every rank: a misfit must not fail on the owner alone, before the all-gather
     if own:
         layer.append(k, v)
     ck, cv = layer.k, layer.v

@@ -135,7 +135,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
     if _hf.settings(model) is not None:
         return _hf.prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=reserve)
     mesh = _check_model(model, mesh)
-    strategy = strategy or model.strategy
+    strategy = strategy or getattr(model, "strategy", "ring")
     check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
     check_prompt(input_ids, reserve, mesh.sp_group)
     b, s = input_ids.shape

@@ -72,6 +72,16 @@ def check_mesh(model: nn.Module, mesh: Mesh | None) -> Mesh:
     return s.mesh
 
 
+def _num_layers(model: nn.Module) -> int:
+    """Decoder layers of an HF model (composite configs keep them in their text config)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    check(isinstance(n, int) and n > 0, ConfigError,
+          f"{type(model).__name__}'s config names no num_hidden_layers: seqpar inference cannot size its cache")
+    return n
+
+
 def _layer_index(module: nn.Module, cache: KVCache) -> int:
     i = getattr(module, "layer_idx", None)
     check(isinstance(i, int) and 0 <= i < len(cache.layers), ConfigError,
@@ -137,6 +147,7 @@ class _Decode:
         over all ranks, as HF's sliding-window caches do on one device.
         """
         layer = self.cache.layers[_layer_index(module, self.cache)]
+        layer.check(k, v)  # on every rank, before the owner's append (a misfit must fail everywhere)
         group = self.cache.mesh.sp_group
         if sliding_window is None:
             return decode_attention(layer, self.own, q, k, v, group, scale=scale)
@@ -171,7 +182,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
     b, n = input_ids.shape[0], group_size(group)
     info = split_prompt(applied, mesh, input_ids.shape[1], pad)
     device = model.get_input_embeddings().weight.device
-    num_layers = model.config.num_hidden_layers
+    num_layers = _num_layers(model)
     cache, keep, spare = new_cache(info, mesh, b, num_layers, reserve, device)
     idx = info.indices(cache.rank).to(device)
     owner, li = token_owner(info, info.seq_len - 1)
@@ -203,9 +214,10 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     s = settings(model)
     check(cache.mesh is s.mesh or cache.mesh.sp == s.mesh.sp, CacheError,
           f"the cache was filled on {cache.mesh}, but {s.name} runs on {s.mesh}: use the cache from its prefill")
-    check(len(cache.layers) == model.config.num_hidden_layers and all(x is not None for x in cache.layers),
-          CacheError, f"the cache has {len(cache.layers)} layers for a model of "
-                      f"{model.config.num_hidden_layers}: use the cache prefill returned for this model")
+    n_layers = _num_layers(model)
+    check(len(cache.layers) == n_layers and all(x is not None for x in cache.layers),
+          CacheError, f"the cache has {len(cache.layers)} layers for a model of {n_layers}: use the cache "
+                      f"prefill returned for this model")
     check_tokens(token_ids, cache)
     device = model.get_input_embeddings().weight.device
     owner, position = cache.next_owner(), cache.seq_len

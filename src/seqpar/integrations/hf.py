@@ -47,7 +47,8 @@ prepared here with a KV cache sharded over the sequence; see :mod:`seqpar.infere
 
 Refused with a :class:`~seqpar.errors.ConfigError` naming what is missing:
 padding attention masks, ``output_attentions=True``, HF's own KV caches and ``model.generate``,
-attention dropout, logit soft-capping, attention sinks or position biases,
+attention dropout, logit soft-capping, attention sinks or position biases, RoPE whose
+frequencies depend on the longest position in the batch (``dynamic``, ``longrope``),
 bidirectional sliding windows, layer types other than full/sliding attention
 (linear attention, Mamba, chunked), encoder-decoders, architectures whose
 attention does not go through ``AttentionInterface``, and tensor parallelism.
@@ -87,6 +88,9 @@ CACHE_KEY = "seqpar_cache"
 #: first transformers release whose mask builders (masking_utils) skip unknown attention implementations
 MIN_TRANSFORMERS = (4, 53)
 
+#: RoPE variants whose frequencies HF recomputes from the largest position in each forward: each sequence
+#: shard would see a different largest position, so its tokens would be rotated unlike one device's
+_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 #: layer types (config.layer_types) whose attention seqpar reproduces exactly
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 #: keywords HF may pass to an attention function that change what attention computes and seqpar cannot do
@@ -270,6 +274,19 @@ def _base_post_hook(s: _Settings):
     return hook
 
 
+def _rope_types(config) -> set[str]:
+    """Every rope_type a config names (``rope_scaling`` / ``rope_parameters``, per layer type where nested)."""
+    found: set[str] = set()
+    for attr in ("rope_scaling", "rope_parameters"):
+        spec = getattr(config, attr, None)
+        if isinstance(spec, dict):
+            for d in (spec, *(x for x in spec.values() if isinstance(x, dict))):
+                kind = d.get("rope_type", d.get("type"))
+                if isinstance(kind, str):
+                    found.add(kind)
+    return found
+
+
 def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", layout: str = "zigzag") -> nn.Module:
     """Make a Hugging Face causal LM run sequence-parallel attention over ``mesh.sp_group``.
 
@@ -317,6 +334,11 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
     check(not bad, ConfigError,
           f"{name} has layer types {bad}: seqpar attention reproduces only {list(_LAYER_TYPES)}; "
           f"these layers would see only their local shard of the sequence")
+    bad = sorted(_rope_types(config) & set(_POSITION_DEPENDENT_ROPE))
+    check(not bad, ConfigError,
+          f"{name} uses rope_type {bad}: HF recomputes its frequencies from the largest position in each "
+          f"forward, which differs between sequence shards, so ranks would rotate their tokens unlike one device; "
+          f"use static RoPE scaling (default, linear, llama3, yarn) for sequence-parallel runs")
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     check(can_set is None or can_set(), ConfigError,
           f"{name} does not route attention through transformers' AttentionInterface "

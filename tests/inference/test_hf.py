@@ -294,3 +294,17 @@ def run_cache_of_another_model():
 def test_a_misfit_cache_fails_on_every_rank(pool):
     msgs = pool(2).run(run_cache_of_another_model, timeout=60)
     assert all(m is not None and "do not fit a cache of [B=2, *, Hkv=2, D=16]" in m for m in msgs), msgs
+
+
+SAMPLED = dict(do_sample=True, temperature=1.3, top_p=0.9, seed=3)
+
+
+def run_hf_sampled(arch: str, s: int):
+    return generate(hf.apply(build(arch).eval(), mesh(sp=2)), data(BATCH, s, seed=s), NEW, **SAMPLED)
+
+
+def test_sampled_generation_equals_one_process(pool):
+    want = generate(hf.apply(build("gemma3").eval(), seqpar.Mesh()), data(BATCH, 19, seed=19), NEW, **SAMPLED)
+    assert not torch.equal(want, _reference("gemma3", 19)[0])
+    for ids in pool(2).run(run_hf_sampled, "gemma3", 19):
+        assert torch.equal(ids, want)

@@ -14,5 +14,7 @@ merges the ranks' partial attentions with one small all-gather per layer.  Works
 """
 from .cache import CacheError, KVCache, LayerCache
 from .generate import decode_step, generate, merge_over_group, prefill
+from .sampling import Sampler
 
-__all__ = ["KVCache", "LayerCache", "CacheError", "prefill", "decode_step", "generate", "merge_over_group"]
+__all__ = ["KVCache", "LayerCache", "CacheError", "prefill", "decode_step", "generate", "merge_over_group",
+           "Sampler"]

@@ -37,11 +37,11 @@ from ..kernels import attention_with_lse
 from ..mesh import Mesh, group_rank, group_size
 from ..packing import SeqInfo
 from ..tp._base import TPModule
-from ..tp.cross_entropy import vocab_parallel_argmax
 from . import hf as _hf
 from .cache import CacheError, KVCache, LayerCache
 from .common import (check_prompt, check_tokens, decode_attention, merge_over_group, new_cache, split_prompt,
                      token_owner)
+from .sampling import Sampler
 
 __all__ = ["prefill", "decode_step", "generate", "merge_over_group"]
 
@@ -222,29 +222,47 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mesh: Mesh | None = None,
-             strategy: str | None = None, *, layout=None, pad: bool = True) -> torch.Tensor:
-    """Greedy generation: sequence-parallel :func:`prefill`, then :func:`decode_step` per token.
+             strategy: str | None = None, *, layout=None, pad: bool = True, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """Sequence-parallel :func:`prefill`, then :func:`decode_step` per token: greedy or sampled.
 
     Args:
         model: as :func:`prefill` (the reference model or a prepared Hugging Face model).
         input_ids: ``[B, S]`` the full prompt, identical on every rank.
         max_new_tokens: tokens to generate (>= 0).
         mesh, strategy, layout, pad: as :func:`prefill`.
+        do_sample, temperature, top_k, top_p, seed: as HF's ``generate`` (see :class:`Sampler`);
+            greedy by default.  Every rank returns the same tokens.
+        eos_token_id: stop a sequence at this token (or any of these); generation ends early once
+            every sequence has stopped, and stopped sequences are padded with ``pad_token_id``
+            (default: the first eos id), as HF does.
     Returns:
-        ``[B, S + max_new_tokens]`` prompt followed by the generated ids, on every rank.
-    Communication: prefill's, then per token the decode step's and the vocab-parallel argmax
-    (an all-gather of 2 values per sequence over tp; nothing without tp).
+        ``[B, S + n]`` prompt followed by the generated ids (``n <= max_new_tokens``), on every rank.
+    Communication: prefill's, then per token the decode step's and the choice of the token
+    (greedy: an all-gather of 2 values per sequence over tp; sampling: see :class:`Sampler`).
     """
     check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, ShapeError,
           f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+    eos = [] if eos_token_id is None else [int(x) for x in torch.tensor(eos_token_id).reshape(-1).tolist()]
     mesh = _hf.check_mesh(model, mesh) if _hf.settings(model) is not None else _check_model(model, mesh)
     if max_new_tokens == 0:
         return input_ids.clone()
     cache, logits = prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=max_new_tokens)
     out = [input_ids.to(logits.device)]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
+    filler = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     for step in range(max_new_tokens):
-        nxt = vocab_parallel_argmax(logits, group=mesh.tp_group)  # [B]
-        out.append(nxt[:, None])
-        if step + 1 < max_new_tokens:  # the last token needs no cache entry
-            logits = decode_step(model, cache, nxt)
+        nxt = sampler.next_tokens(logits, mesh)  # [B], the same on every rank
+        shown = nxt
+        if eos:
+            # a stopped sequence shows the padding and is fed its eos (a valid id; its later tokens are unused)
+            shown = torch.where(done, torch.full_like(nxt, filler), nxt)
+            nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
+            done |= torch.isin(nxt, torch.tensor(eos, device=nxt.device))
+        out.append(shown[:, None])
+        if bool(done.all()) or step + 1 == max_new_tokens:  # the same on every rank: all stop together
+            break
+        logits = decode_step(model, cache, nxt)
     return torch.cat(out, dim=1)

@@ -113,7 +113,9 @@ def reference(model_name: str | None, prompt_file: str | None, prompt_len: int, 
     """HF's own greedy ``generate`` (its KV cache, sdpa) on one process: ``[1, S + new]``."""
     model = load_model(model_name, getattr(torch, dtype), torch.device("cpu"))
     ids = prompt_ids(model_name, prompt_file, prompt_len, model.config.vocab_size)
-    return model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # an explicit all-ones mask: without one HF takes every pad_token_id (0) in the prompt for padding
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,10 @@ def test_reference_is_hf_generate(arch):
     s = {"llama": 21, "mistral": 23, "qwen2": 26, "gemma3": 19}[arch]
     ref_ids, _ = _reference(arch, s)
     model = build(arch).eval()
-    out = model.generate(data(BATCH, s, seed=s), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
+    ids = data(BATCH, s, seed=s)
+    # an explicit all-ones mask: without one HF takes every pad_token_id in the prompt for padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
     assert torch.equal(out, ref_ids)
 
 

@@ -10,7 +10,7 @@ __all__ = ["main"]
 import importlib
 
 # each module defines add_parser(subparsers) and sets func on its parser
-SUBCOMMANDS = ("demo", "train", "plan", "check")
+SUBCOMMANDS = ("demo", "train", "plan", "check", "generate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ merges the ranks' partial attentions with one small all-gather per layer.  Works
 ``docs/inference.md`` for when this pays.
 """
 from .cache import CacheError, KVCache, LayerCache
-from .generate import decode_step, generate, merge_over_group, prefill
+from .generate import decode, decode_step, generate, merge_over_group, prefill
 from .sampling import Sampler
 
-__all__ = ["KVCache", "LayerCache", "CacheError", "prefill", "decode_step", "generate", "merge_over_group",
+__all__ = ["KVCache", "LayerCache", "CacheError", "prefill", "decode_step", "decode", "generate", "merge_over_group",
            "Sampler"]

@@ -43,7 +43,7 @@ from .common import (check_prompt, check_tokens, decode_attention, merge_over_gr
                      token_owner)
 from .sampling import Sampler
 
-__all__ = ["prefill", "decode_step", "generate", "merge_over_group"]
+__all__ = ["prefill", "decode_step", "decode", "generate", "merge_over_group"]
 
 _NEEDS = ("embed", "layers", "norm", "lm_head", "hidden_states", "mesh", "layout", "sequence_parallel")
 
@@ -225,33 +225,52 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mes
              strategy: str | None = None, *, layout=None, pad: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-    """Sequence-parallel :func:`prefill`, then :func:`decode_step` per token: greedy or sampled.
+    """Sequence-parallel :func:`prefill`, then :func:`decode` (one :func:`decode_step` per token).
 
     Args:
         model: as :func:`prefill` (the reference model or a prepared Hugging Face model).
         input_ids: ``[B, S]`` the full prompt, identical on every rank.
         max_new_tokens: tokens to generate (>= 0).
         mesh, strategy, layout, pad: as :func:`prefill`.
-        do_sample, temperature, top_k, top_p, seed: as HF's ``generate`` (see :class:`Sampler`);
-            greedy by default.  Every rank returns the same tokens.
-        eos_token_id: stop a sequence at this token (or any of these); generation ends early once
-            every sequence has stopped, and stopped sequences are padded with ``pad_token_id``
-            (default: the first eos id), as HF does.
+        do_sample, temperature, top_k, top_p, seed, eos_token_id, pad_token_id: as :func:`decode`.
     Returns:
         ``[B, S + n]`` prompt followed by the generated ids (``n <= max_new_tokens``), on every rank.
-    Communication: prefill's, then per token the decode step's and the choice of the token
-    (greedy: an all-gather of 2 values per sequence over tp; sampling: see :class:`Sampler`).
+    Communication: prefill's, then decode's.
     """
     check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, ShapeError,
           f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
-    sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
-    eos = [] if eos_token_id is None else [int(x) for x in torch.tensor(eos_token_id).reshape(-1).tolist()]
+    sampler = Sampler(do_sample, temperature, top_k, top_p, seed)  # bad settings fail before the prefill
     mesh = _hf.check_mesh(model, mesh) if _hf.settings(model) is not None else _check_model(model, mesh)
     if max_new_tokens == 0:
         return input_ids.clone()
     cache, logits = prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=max_new_tokens)
-    out = [input_ids.to(logits.device)]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
+    new = decode(model, cache, logits, max_new_tokens, sampler=sampler, eos_token_id=eos_token_id,
+                 pad_token_id=pad_token_id)
+    return torch.cat([input_ids.to(new.device), new], dim=1)
+
+
+def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *,
+           sampler: Sampler | None = None, eos_token_id: int | list[int] | None = None,
+           pad_token_id: int | None = None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after a :func:`prefill` (the cache is advanced in place).
+
+    Args:
+        cache, logits: what prefill returned (logits of the last prompt token, ``[B, V/t]``).
+        sampler: how tokens are chosen (:class:`Sampler`: greedy by default, or do_sample with
+            temperature / top_k / top_p / seed, HF's meaning).  Every rank returns the same tokens.
+        eos_token_id: stop a sequence at this token (or any of these); generation ends early once
+            every sequence has stopped, and stopped sequences are padded with ``pad_token_id``
+            (default: the first eos id), as HF does.
+    Returns:
+        ``[B, n]`` the new ids (``n <= max_new_tokens``), on every rank.
+    Communication: per token, the choice of the token (greedy: an all-gather of 2 values per
+    sequence over tp; sampling: see :class:`Sampler`) and a :func:`decode_step` but for the last.
+    """
+    sampler = sampler if sampler is not None else Sampler()
+    eos = [] if eos_token_id is None else [int(x) for x in torch.tensor(eos_token_id).reshape(-1).tolist()]
+    mesh = cache.mesh
+    out = []
+    done = torch.zeros(cache.batch, dtype=torch.bool, device=logits.device)
     filler = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     for step in range(max_new_tokens):
         nxt = sampler.next_tokens(logits, mesh)  # [B], the same on every rank
@@ -265,4 +284,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mes
         if bool(done.all()) or step + 1 == max_new_tokens:  # the same on every rank: all stop together
             break
         logits = decode_step(model, cache, nxt)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1) if out else logits.new_zeros(cache.batch, 0, dtype=torch.long)

@@ -98,6 +98,10 @@ run_step env 00_env.txt 30 bash -c env_info
 run_step tests 01_tests.txt 150 "$PY" -m pytest -q -rfEs --maxfail=25 --durations=10 -p no:cacheprovider tests/gpu
 run_step ring_efficiency 02_ring_efficiency.md 150 \
     "$PY" benchmarks/attention.py --emulate-ring --device "$DEV" --dtype bfloat16 "${RING[@]}" --backward --reps 3
+# the same at 32k with the PyTorch merge instead of the fused Triton one: what the fused merge buys
+run_step ring_efficiency_unfused 02b_ring_unfused.md 60 \
+    env SEQPAR_FUSED_MERGE=0 "$PY" benchmarks/attention.py --emulate-ring --device "$DEV" --dtype bfloat16 \
+    "${RING[@]:0:8}" --seq-lens "${RING[9]}" --backward --reps 3
 run_step plan_validation 03_plan_validation.md 90 \
     "$PY" benchmarks/plan_validation.py --device "$DEV" --dtype bfloat16 "${PLAN[@]}"
 run_step inference 04_inference.md 120 \
@@ -114,7 +118,7 @@ run_step inference_hf 05_inference_hf.md 90 \
     echo "== tests"
     grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|error|KeyboardInterrupt" "$OUT_DIR/01_tests.txt" |
         cut -c1-240 | tail -n 40
-    for f in 02_ring_efficiency.md 03_plan_validation.md 04_inference.md 05_inference_hf.md; do
+    for f in 02_ring_efficiency.md 02b_ring_unfused.md 03_plan_validation.md 04_inference.md 05_inference_hf.md; do
         echo "== $f"
         grep -E "^\| [0-9A-Za-z]|^largest|Error|error:" "$OUT_DIR/$f" | cut -c1-200 | tail -n 20
         tail -n 2 "$OUT_DIR/$f"

@@ -24,16 +24,20 @@ def _data():
     return ids, target
 
 
-def _full_lm(dtype):
+def _full_lm(dtype, padding_idx=None):
     torch.manual_seed(99)
-    return nn.Embedding(V, H).to(dtype), nn.Linear(H, V, bias=False).to(dtype)
+    emb = nn.Embedding(V, H, padding_idx=padding_idx).to(dtype)
+    if padding_idx is not None:  # a trained table's padding row need not be zero; its gradient must be
+        with torch.no_grad():
+            emb.weight[padding_idx] = 1.0
+    return emb, nn.Linear(H, V, bias=False).to(dtype)
 
 
-def w_lm(tp_degree: int, sequence_parallel: bool, dtype_name: str):
+def w_lm(tp_degree: int, sequence_parallel: bool, dtype_name: str, padding_idx=None):
     """Embedding -> LM head (column parallel) -> vocab-parallel CE, with the full-batch mean loss."""
     m = mesh(tp=tp_degree)
     inf = info(m)
-    emb_full, head_full = _full_lm(DTYPES[dtype_name])
+    emb_full, head_full = _full_lm(DTYPES[dtype_name], padding_idx)
     ids, target = _data()
     n_valid = int((target != IGNORE).sum())
     emb = tp.VocabParallelEmbedding.from_full(emb_full, mesh=m, sequence_parallel=sequence_parallel)
@@ -48,8 +52,10 @@ def w_lm(tp_degree: int, sequence_parallel: bool, dtype_name: str):
     grads = [emb.weight.grad, head.weight.grad]
     total = loss.detach().clone()
     sum_over_sp(grads + [total], m)
+    full = emb.to_full(grad=True)
     return {"info": inf, "h": h.detach(), "dh": h.grad, "loss": total, "logits_shape": tuple(logits.shape),
-            "emb_grad": emb.to_full(grad=True).weight.grad, "head_grad": head.to_full(grad=True).weight.grad}
+            "emb_grad": full.weight.grad, "head_grad": head.to_full(grad=True).weight.grad,
+            "padding_idx": full.padding_idx}
 
 
 @pytest.mark.parametrize("world,tp_degree", CONFIGS, ids=CONFIG_IDS)
@@ -72,6 +78,28 @@ def test_embedding_and_cross_entropy_match_single_device(pool, world, tp_degree,
         assert err(r["loss"], loss) < tol
         assert err(r["emb_grad"], emb.weight.grad) < tol
         assert err(r["head_grad"], head.weight.grad) < tol
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["nosp", "sp"])
+def test_padding_row_gets_no_gradient_like_nn_embedding(pool, sequence_parallel):
+    """padding_idx carries over from nn.Embedding (the row lives on tp rank 1 of 2 here)."""
+    pad = 11
+    ids, target = _data()
+    assert (ids == pad).any()
+    res = pool(2).run(w_lm, 2, sequence_parallel, "float64", pad)
+    emb, head = _full_lm(torch.float64, pad)
+    F.cross_entropy(head(emb(ids)).flatten(0, 1), target.flatten(), ignore_index=IGNORE).backward()
+    assert emb.weight.grad[pad].eq(0).all()
+    for r in res:
+        assert r["padding_idx"] == pad and err(r["emb_grad"], emb.weight.grad) < 1e-12
+
+
+def test_embedding_options_without_a_parallel_equivalent_are_refused():
+    for kw in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}):
+        with pytest.raises(seqpar.ConfigError, match=next(iter(kw))):
+            tp.VocabParallelEmbedding.from_full(nn.Embedding(V, H, **kw), mesh=seqpar.Mesh())
+    with pytest.raises(seqpar.ConfigError, match="padding_idx=16 is not a row"):
+        tp.VocabParallelEmbedding(V, H, padding_idx=V, mesh=seqpar.Mesh())
 
 
 def _logits(n: int, scale: float):

@@ -6,6 +6,7 @@ import torch
 
 import seqpar
 from seqpar import comm
+from seqpar.training import sync_gradients
 from tests.helpers import mesh
 
 
@@ -132,3 +133,26 @@ def test_uneven_split_is_a_clear_error_on_every_rank(pool, op):
 def test_bad_ring_mode():
     with pytest.raises(seqpar.ShapeError, match="unknown ring exchange mode"):
         comm.RingExchange(None, mode="carrier-pigeon")
+
+
+def grads_used_on_some_ranks():
+    """sp=2: parameter b takes part in rank 1's backward only, c in nobody's."""
+    m = mesh(sp=2)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({k: torch.nn.Linear(3, 1, bias=False) for k in "abc"}).double()
+    x = torch.full((1, 3), float(m.rank("sp") + 1), dtype=torch.float64)
+    loss = model["a"](x).sum() + (model["b"](x).sum() if m.rank("sp") == 1 else 0)
+    loss.backward()
+    with seqpar.stats.track() as st:
+        sync_gradients(model, m)
+    return {k: None if p.weight.grad is None else p.weight.grad.clone() for k, p in model.items()}, dict(st.calls)
+
+
+def test_a_gradient_missing_on_some_ranks_is_taken_as_zero(pool):
+    """Ranks agree on which parameters have gradients before the coalesced all-reduce (a layout that
+    differed between ranks aborted gloo); one unused everywhere stays without a gradient."""
+    for grads, calls in pool(2).run(grads_used_on_some_ranks):
+        assert torch.equal(grads["a"], torch.full((1, 3), 1.5, dtype=torch.float64))  # (1 + 2) / 2
+        assert torch.equal(grads["b"], torch.full((1, 3), 1.0, dtype=torch.float64))  # (0 + 2) / 2
+        assert grads["c"] is None
+        assert calls == {"all_reduce": 2}  # the agreement, then the gradients

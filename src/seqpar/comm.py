@@ -95,6 +95,25 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def agreed_grads(params, group) -> list[torch.Tensor]:
+    """The ``.grad`` of every parameter that has one on *some* rank of ``group``, in the same order everywhere.
+
+    A parameter that took part in this rank's backward but not in another's (a branch taken on some
+    ranks only) gets a zero ``.grad`` where it has none, so every rank reduces the same tensors;
+    parameters with no gradient anywhere keep ``None`` (the optimizer skips them, as without
+    parallelism).  Communication: one all-reduce (max) of one int per parameter; none for one process.
+    """
+    params = [p for p in params if p.requires_grad]
+    if group_size(group) > 1 and params:
+        have = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+        record_comm("all_reduce", _nbytes(have))
+        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=group)
+        for p, anywhere in zip(params, have.tolist()):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    return [p.grad for p in params if p.grad is not None]
+
+
 def all_reduce_coalesced(tensors, group, divide_by: float = 1.0) -> None:
     """Sum ``tensors`` in place over a resolved ``group`` (None: one process), then divide.
 

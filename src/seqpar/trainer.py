@@ -169,8 +169,8 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
           log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the reference model on the current world (or ``mesh``) and return the result.
 
-    Every rank must call it.  ``log`` (called on global rank 0 every ``log_every``
-    steps) receives ``{"step", "steps", "loss", "tokens_per_s", "peak_mem_mb"}``.
+    Every rank must call it (``log`` may be given on rank 0 only).  ``log`` (called on global
+    rank 0 every ``log_every`` steps) receives ``{"step", "steps", "loss", "tokens_per_s", "peak_mem_mb"}``.
     """
     if mesh is None:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -206,9 +206,9 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
             from .checkpoint import save
 
             save(cfg.checkpoint_dir, model, opt, step + 1)
-        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            mem = _gather_mem(cfg.device)
-            if rank0:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mem = _gather_mem(cfg.device)  # a collective: every rank joins, whether or not it logs
+            if rank0 and log is not None:
                 log({"step": step + 1, "steps": cfg.steps, "loss": losses[-1],
                      "tokens_per_s": tokens / (time.perf_counter() - t_start), "peak_mem_mb": mem})
     elapsed = time.perf_counter() - t_start

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import all_reduce_coalesced
+from .comm import agreed_grads, all_reduce_coalesced
 from .errors import ShapeError, check
 from .mesh import Mesh, group_size
 from .stats import record_comm
@@ -76,10 +76,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: Mesh | None
 def sync_gradients(model: nn.Module, mesh: Mesh | None = None) -> None:
     """After backward: sum sequence-parallel norm grads over tp, then average every grad over dp x sp.
 
-    Use instead of DDP/FSDP's own reduction (not in addition to it).  Gradients are
-    coalesced per dtype: one all-reduce each over ``mesh.dp_sp_group``.
+    Call it once per optimizer step, after the last micro-batch's backward when accumulating
+    (the sums and the average are not idempotent: a second call would count the gradients
+    again).  Use instead of DDP/FSDP's own reduction (not in addition to it).  Gradients are
+    coalesced per dtype: one all-reduce each over ``mesh.dp_sp_group``, after one small
+    all-reduce that agrees which parameters have a gradient (see :func:`seqpar.comm.agreed_grads`).
     """
     mesh = resolve_mesh(mesh)
     sync_sequence_parallel_grads(model, mesh)
-    all_reduce_coalesced([p.grad for p in model.parameters() if p.grad is not None], mesh.dp_sp_group,
+    all_reduce_coalesced(agreed_grads(model.parameters(), mesh.dp_sp_group), mesh.dp_sp_group,
                          divide_by=mesh.dp * mesh.sp)

@@ -7,8 +7,9 @@ the tokens, so its gradient is a partial sum.  Such parameters are marked
 ``param.sequence_parallel = True`` and :func:`sync_sequence_parallel_grads`
 sums their gradients over the tp group.
 
-When to call it: after ``loss.backward()`` (after every micro-batch's backward
-when accumulating, or once before the step: the sum is linear) and before
+When to call it: once per optimizer step, after the last micro-batch's
+``loss.backward()`` when accumulating (the in-place sum is not idempotent: a call
+after every micro-batch would count the earlier micro-batches again), and before
 gradient clipping and ``optimizer.step()``.
 
 Other replicated parameters: over the *sequence-parallel* group (ring/ulysses,
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..mesh import Mesh, group_size
-from ..comm import all_reduce_coalesced
+from ..comm import agreed_grads, all_reduce_coalesced
 from ._base import deepcopy_keeping_marks
 from .mappings import resolve_mesh
 
@@ -79,14 +80,15 @@ class RMSNorm(nn.RMSNorm):
 def sync_sequence_parallel_grads(model: nn.Module | Iterable[torch.nn.Parameter], mesh: Mesh | None = None) -> int:
     """Sum over ``mesh.tp_group`` the ``.grad`` of every parameter marked ``sequence_parallel``.
 
-    Call after backward, before clipping and the optimizer step (see the module docstring).
-    Every tp rank must call it with the same set of marked parameters holding a gradient.
+    Call once per optimizer step, after backward, before clipping and the optimizer step (see
+    the module docstring).  Every tp rank must call it with the same marked parameters; one
+    that has a gradient on some tp ranks only gets zeros where it has none.
     Gradients are coalesced per (dtype, device) into one flat buffer: one all-reduce each.
     No-op (no communication) when tp is 1.  Returns the number of gradients synced.
     """
     params = model.parameters() if isinstance(model, nn.Module) else model
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
     group = resolve_mesh(mesh).tp_group
+    grads = agreed_grads([p for p in params if getattr(p, "sequence_parallel", False)], group)
     if group_size(group) == 1 or not grads:
         return len(grads)
     all_reduce_coalesced(grads, group)

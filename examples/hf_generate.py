@@ -59,7 +59,7 @@ def run(model_name: str | None = None, prompt_file: str | None = None, prompt_le
     ``mesh`` (optional) replaces ``seqpar.init(sp=sp, ulysses=ulysses)``.
     """
     mesh = mesh if mesh is not None else seqpar.init(sp=sp, ulysses=ulysses)
-    on_gpu = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+    on_gpu = seqpar.mesh.on_cuda_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     model = hf.apply(load_model(model_name, getattr(torch, dtype), device), mesh, strategy=strategy, layout=layout)
     ids = prompt_ids(model_name, prompt_file, prompt_len, model.config.vocab_size).to(device)

@@ -75,7 +75,7 @@ def train(sp: int = 2, ulysses: int = 1, strategy: str = "ring", layout: str = "
     """
     mesh = mesh if mesh is not None else seqpar.init(sp=sp, ulysses=ulysses)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    on_gpu = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+    on_gpu = seqpar.mesh.on_cuda_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     model = tiny_llama(seed).to(device)
     hf.apply(model, mesh, strategy=strategy, layout=layout)

@@ -66,3 +66,15 @@ def w_bad_init():
 
 def test_bad_degrees_fail_on_every_rank(pool):
     assert all("sp=3 x tp=1 = 3 does not divide world size 4" in m for m in pool(4).run(w_bad_init))
+
+
+def test_default_backend_pairs_nccl_with_gloo_for_cpu_tensors(monkeypatch):
+    """Under torchrun on GPUs the small CPU-tensor collectives (counts, norms, object broadcasts) need gloo
+    beside NCCL: a NCCL-only group refuses them."""
+    from seqpar.mesh import default_backend, on_cuda_backend
+
+    assert default_backend() == ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    assert default_backend() == "cpu:gloo,cuda:nccl"
+    assert not on_cuda_backend()  # no process group in this process

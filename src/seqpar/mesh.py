@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from .errors import ConfigError, check
 
-__all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "group_size", "group_rank"]
+__all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "group_size", "group_rank", "default_backend",
+           "on_cuda_backend"]
 
 DIMS = ("dp", "ring", "ulysses", "tp")
 
@@ -146,14 +147,15 @@ def init(sp: int | None = None, ulysses: int | None = None, ring: int | None = N
 
     Uses the already initialised default process group, or initialises one from
     torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...), with
-    ``backend`` defaulting to nccl when CUDA is available and gloo otherwise.
+    ``backend`` defaulting to :func:`default_backend` (NCCL for CUDA tensors beside gloo
+    for CPU ones where CUDA is available, else gloo).
     With neither (a plain single process) the world size is 1 and no process
     group is created.  Unspecified degrees are derived: ``sp`` takes what the
     world leaves after tp and dp, ``ulysses`` defaults to 1 (pure ring).
     Communication: creates the process groups (collective over the world).
     """
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or default_backend()
         kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
         dist.init_process_group(backend=backend, **kwargs)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -163,7 +165,7 @@ def init(sp: int | None = None, ulysses: int | None = None, ring: int | None = N
         from torch.distributed.device_mesh import init_device_mesh
 
         if device_type is None:
-            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            device_type = "cuda" if on_cuda_backend() else "cpu"
         dm = init_device_mesh(device_type, (dp, ring, ulysses, tp), mesh_dim_names=DIMS)
         mesh.device_mesh = dm
         mesh.groups = {name: dm.get_group(name) for name in DIMS}
@@ -171,6 +173,21 @@ def init(sp: int | None = None, ulysses: int | None = None, ring: int | None = N
         mesh.groups["dp_sp"] = dm["dp", "ring", "ulysses"]._flatten("dp_sp").get_group()
     set_mesh(mesh)
     return mesh
+
+
+def default_backend() -> str:
+    """``"cpu:gloo,cuda:nccl"`` where CUDA and NCCL are available, else ``"gloo"``.
+
+    NCCL carries the CUDA tensors; gloo beside it carries the small CPU-tensor collectives
+    (loss and token counts, gradient norms, memory figures, object broadcasts of checkpoints
+    and debug checks), which a NCCL-only process group refuses.
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def on_cuda_backend(group=None) -> bool:
+    """The (default) process group runs NCCL for CUDA tensors (alone or beside gloo)."""
+    return dist.is_initialized() and "nccl" in dist.get_backend_config(group)
 
 
 def resolve_group(group=None, mesh: Mesh | None = None, name: str = "sp"):

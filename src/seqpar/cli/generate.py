@@ -63,14 +63,14 @@ def _prompt(ns: dict, tok, vocab: int):
 def generate_worker(ns: dict) -> dict:
     """One rank: load, prepare, generate; returns the ids and this rank's timings and cache size."""
     import torch
-    import torch.distributed as dist
 
     import seqpar
     from ..inference import Sampler, decode, prefill
     from ..integrations import hf
+    from ..mesh import on_cuda_backend
 
     mesh = seqpar.init(ulysses=ns["ulysses"])
-    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    on_gpu = on_cuda_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device(ns["device"])
     model, tok = _load(ns, device)
     hf.apply(model, mesh, strategy=ns["strategy"], layout=ns["layout"])

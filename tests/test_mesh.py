@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import seqpar
@@ -75,6 +76,6 @@ def test_default_backend_pairs_nccl_with_gloo_for_cpu_tensors(monkeypatch):
 
     assert default_backend() == ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     assert default_backend() == "cpu:gloo,cuda:nccl"
     assert not on_cuda_backend()  # no process group in this process

@@ -132,3 +132,46 @@ def test_train_command_under_torchrun(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step      3/3" in out.stdout and "done: final loss" in out.stdout
+
+
+def _steps(model, opt, n: int, seed: int = 0) -> list[float]:
+    losses = []
+    for i in range(n):
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed + i))
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                      lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+                                      lambda ps: torch.optim.Adagrad(ps, lr=0.1)],
+                         ids=["sgd-momentum", "adamw-amsgrad", "adagrad"])
+def test_resume_restores_any_optimizer_whose_state_is_shaped_like_the_parameters(tmp_path, make_opt):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt = make_opt(model.parameters())
+    _steps(model, opt, 2)
+    save(tmp_path, model, opt, 2)
+    want = _steps(model, opt, 2, seed=2)
+    torch.manual_seed(1)  # other weights: everything must come from the checkpoint
+    resumed = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt2 = make_opt(resumed.parameters())
+    assert load_latest(tmp_path, resumed, opt2) == 2
+    assert _steps(resumed, opt2, 2, seed=2) == pytest.approx(want, rel=1e-6)
+
+
+def test_optimizers_a_checkpoint_cannot_hold_are_refused(tmp_path):
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _steps(model, sgd, 1)
+    path = save(tmp_path, model, sgd, 1)
+    with pytest.raises(CheckpointError, match="holds SGD state, but the optimizer is AdamW"):
+        load(path, model, torch.optim.AdamW(model.parameters()))
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    lbfgs.state[next(model.parameters())]["n_iter"] = 3  # what LBFGS keeps: scalars, not moments
+    with pytest.raises(CheckpointError, match="cannot reshard"):
+        save(tmp_path, model, lbfgs, 2)

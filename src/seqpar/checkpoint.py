@@ -1,7 +1,10 @@
 """Checkpoints on ``torch.distributed.checkpoint`` that survive crashes and resume at another layout.
 
 Every rank writes only its own shards: each single-device tensor of the model
-and of AdamW's moments is saved as a DTensor over the tensor-parallel mesh
+and of the optimizer's per-parameter state (AdamW's moments, amsgrad's maximum,
+SGD's momentum, Adagrad's sums: any state tensor shaped like its parameter; the
+optimizer's type and state names are recorded and checked on load) is saved as a
+DTensor over the tensor-parallel mesh
 (``Shard(dim)`` for split weights, ``Replicate()`` for norms), under its
 single-device name (``layers.3.q_proj.weight``...), so DCP can reshard it on load
 to any tp, sp or dp degree (replicas across dp and sp are written once).
@@ -33,6 +36,7 @@ class CheckpointError(SeqParError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted."""
 
 
+#: AdamW's moments: what checkpoints written before the optimizer's state was recorded hold
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -53,31 +57,53 @@ def _broadcast_str(s: str) -> str:
     return box[0]
 
 
-def _ensure_state(opt: torch.optim.Optimizer, step: int) -> None:
+def _moments(opt: torch.optim.Optimizer) -> tuple[list[str], bool]:
+    """The optimizer's per-parameter state: names of the tensors shaped like their parameter (resharded
+    like it) and whether it keeps a ``step`` count.  Anything else cannot be resharded: refused."""
+    names, has_step = set(), False
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if key == "step":
+                    has_step = True
+                elif torch.is_tensor(value) and value.shape == p.shape:
+                    names.add(key)
+                else:
+                    raise CheckpointError(
+                        f"{type(opt).__name__}'s state {key!r} is neither a tensor shaped like its parameter nor "
+                        f"'step': seqpar checkpoints cannot reshard it (AdamW, Adam with or without amsgrad, "
+                        f"SGD with momentum and the like are supported)")
+    return sorted(names), has_step
+
+
+def _ensure_state(opt: torch.optim.Optimizer, step: int, names: list[str], has_step: bool) -> None:
+    """Give every parameter the state ``names`` (zeros where it has none yet), so every rank saves or
+    loads the same entries."""
     for group in opt.param_groups:
         for p in group["params"]:
             st = opt.state[p]
-            if not st:
+            if has_step and "step" not in st:
                 st["step"] = torch.tensor(float(step))
-                for m in MOMENTS:
+            for m in names:
+                if m not in st:
                     st[m] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _sources(opt):
+def _sources(opt, names):
     yield "model", None
     if opt is not None:
-        for m in MOMENTS:
+        for m in names:
             yield m, (lambda p, m=m: opt.state[p][m])
 
 
-def _state(model, opt, fresh: bool) -> tuple[dict, list]:
+def _state(model, opt, fresh: bool, names=()) -> tuple[dict, list]:
     """DCP state dict of local shards (``fresh``: empty buffers to load into) and the entries they map to."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = model.mesh
     tp_mesh = mesh.device_mesh["tp"] if mesh.device_mesh is not None else None
     state, targets = {}, []
-    for kind, source in _sources(opt):
+    for kind, source in _sources(opt, names):
         for e in model.entries(source):
             local = e.get()
             local = torch.empty_like(local) if fresh else local.contiguous()
@@ -96,20 +122,22 @@ def _state(model, opt, fresh: bool) -> tuple[dict, list]:
 def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: int) -> Path:
     """Write ``directory/step-N`` (every rank calls; each writes its own shards). Returns its path."""
     directory = Path(directory)
+    names, has_step = _moments(opt) if opt is not None else ([], False)
     if opt is not None:
-        _ensure_state(opt, step)
+        _ensure_state(opt, step, names, has_step)
     final = directory / f"step-{step}"
     tmp = Path(_broadcast_str(str(directory / f".tmp-step-{step}-{os.getpid()}")))
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state, _ = _state(model, opt, fresh=False)
+    state, _ = _state(model, opt, fresh=False, names=names)
     dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if _rank() == 0:
+        optimizer = None if opt is None else {"type": type(opt).__name__, "moments": names, "step": has_step}
         (tmp / "meta.json").write_text(json.dumps({"step": step, "model": getattr(model.config, "name", None),
-                                                   "layout": repr(model.mesh)}))
+                                                   "layout": repr(model.mesh), "optimizer": optimizer}))
         with open(tmp / "COMPLETE", "w") as f:
             f.write("ok")
             f.flush()
@@ -130,17 +158,28 @@ def load(path: str | Path, model, opt: torch.optim.Optimizer | None = None) -> i
           f"checkpoint {str(path)!r} is incomplete (no COMPLETE marker: the save was interrupted); "
           f"load an earlier step-N directory")
     try:
-        step = int(json.loads((path / "meta.json").read_text())["step"])
+        meta = json.loads((path / "meta.json").read_text())
+        step = int(meta["step"])
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable files: a corrupted checkpoint
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted (meta.json: {e})") from e
+    # checkpoints written before the optimizer was recorded hold AdamW's moments
+    saved = meta.get("optimizer") or {"type": "AdamW", "moments": list(MOMENTS), "step": True}
+    names, has_step = (saved["moments"], saved["step"]) if opt is not None else ([], False)
+    if opt is not None:
+        check(type(opt).__name__ == saved["type"], CheckpointError,
+              f"checkpoint {str(path)!r} holds {saved['type']} state, but the optimizer is {type(opt).__name__}: "
+              f"resume with a {saved['type']}, or load the model alone (opt=None)")
+    try:
         if opt is not None:
-            _ensure_state(opt, step)
-        state, targets = _state(model, opt, fresh=True)
+            _ensure_state(opt, step, names, has_step)
+        state, targets = _state(model, opt, fresh=True, names=names)
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable files: a corrupted checkpoint
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted or does not match this model: {e}") from e
     for key, entry in targets:
         value = state[key]
         entry.set(value.to_local() if hasattr(value, "to_local") else value)
-    if opt is not None:
+    if opt is not None and has_step:
         for group in opt.param_groups:
             for p in group["params"]:
                 opt.state[p]["step"].fill_(float(step))

@@ -259,9 +259,39 @@ def _plot(cfg: ModelConfig, ns: argparse.Namespace, path: str) -> None:
     plt.close(fig)
 
 
+def _run_inference(cfg: ModelConfig, ns: argparse.Namespace) -> int:
+    """``seqpar plan --inference``: the tp x sp split for one long prompt and its decode."""
+    from ..plan.inference import plan_inference
+
+    try:
+        p = plan_inference(cfg, ns.seq_len, ns.gpus, new_tokens=ns.new_tokens, batch=ns.micro_batch,
+                           gpu_memory_gb=ns.gpu_memory, dtype_bytes=_DTYPE_BYTES[ns.dtype], node_size=ns.node_size,
+                           nvlink_gbps=ns.nvlink_gbps, ib_gbps=ns.ib_gbps, peak_tflops=ns.peak_tflops,
+                           utilization=ns.utilization, hbm_gbps=ns.hbm_gbps)
+    except SeqParError as e:
+        print(f"seqpar plan: error: {e}", file=sys.stderr)
+        return 2
+    if ns.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return 0
+    print(f"Inference of {cfg.name}: a {ns.seq_len}-token prompt and {ns.new_tokens} new tokens on {ns.gpus} GPUs "
+          f"x {ns.gpu_memory:g} GB")
+    print(f"Recommended: {p.reason}\n")
+    print(p.table())
+    return 0
+
+
 def run(ns: argparse.Namespace) -> int:
     """Entry point of ``seqpar plan`` (returns the exit status)."""
     from ..plan import plan as run_plan
+
+    if ns.inference:
+        try:
+            cfg = build_config(ns)
+        except SeqParError as e:
+            print(f"seqpar plan: error: {e}", file=sys.stderr)
+            return 2
+        return _run_inference(cfg, ns)
 
     try:
         if ns.plot:
@@ -299,6 +329,7 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  seqpar plan llama3-8b --seq-len 128k --gpus 32\n"
                "  seqpar plan llama3-70b --seq-len 1M --gpus 256 --tp 8 --json\n"
+               "  seqpar plan llama3-8b --seq-len 1M --gpus 8 --inference\n"
                "  seqpar plan --hidden 4096 --heads 32 --kv-heads 8 --layers 32 --ffn 14336 --vocab 128256 "
                "--seq-len 65536 --gpus 16\n")
     p.add_argument("model", nargs="?", help=f"registered model: {', '.join(sorted(MODELS))}")
@@ -330,6 +361,11 @@ def add_parser(sub) -> None:
     p.add_argument("--ib-gbps", type=float, default=50.0, help="inter-node GB/s per GPU (default 50)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (default 989, H100)")
     p.add_argument("--utilization", type=float, default=0.5, help="fraction of peak reached (default 0.5)")
+    p.add_argument("--inference", action="store_true",
+                   help="plan long-context inference instead (seqpar.inference): the tp x sp split of the KV cache")
+    p.add_argument("--new-tokens", type=int, default=256, help="(--inference) tokens to generate (default 256)")
+    p.add_argument("--hbm-gbps", type=float, default=3350.0,
+                   help="(--inference) GPU memory bandwidth, GB/s (default 3350, H100 SXM)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="memory and step time against sequence length (matplotlib)")
     p.add_argument("--limit", type=int, default=20, help="table rows (default 20)")

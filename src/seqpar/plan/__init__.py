@@ -17,7 +17,9 @@ GPU:
   (:mod:`seqpar.plan.timing`);
 
 and :func:`plan` enumerates every layout, drops the ones that do not fit and
-recommends the fastest (:mod:`seqpar.plan.planner`).
+recommends the fastest (:mod:`seqpar.plan.planner`).  For long-context inference,
+:func:`plan_inference` splits the KV cache and the prefill over ``tp x sp``
+(:mod:`seqpar.plan.inference`).
 
 Units: bytes (GB = 1e9 bytes), seconds, FLOPs; bandwidths in GB/s.
 
@@ -38,6 +40,7 @@ import types as _types
 from seqpar.plan.comm import (CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes,
                               comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes)
 from seqpar.plan.implementation import IMPLEMENTATIONS
+from seqpar.plan.inference import InferenceOption, InferencePlan, kv_cache_bytes, plan_inference
 from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
                                 group_spans_nodes, resolve_layout)
 from seqpar.plan.memory import (GB, MemoryBreakdown, activation_memory, activation_memory_per_layer,
@@ -56,6 +59,7 @@ __all__ = [
     "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
     "Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time",
     "Candidate", "Plan", "Settings", "evaluate", "plan",
+    "kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference",
 ]
 
 

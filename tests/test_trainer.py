@@ -175,3 +175,25 @@ def test_optimizers_a_checkpoint_cannot_hold_are_refused(tmp_path):
     lbfgs.state[next(model.parameters())]["n_iter"] = 3  # what LBFGS keeps: scalars, not moments
     with pytest.raises(CheckpointError, match="cannot reshard"):
         save(tmp_path, model, lbfgs, 2)
+
+
+def run_with_data(path: str):
+    cfg = TrainConfig.from_dict({**BASE, "data": {"kind": "tokens", "path": path, "dtype": "uint16"},
+                                 "strategy": "ring", "dp": 2})
+    try:
+        train(cfg)
+    except seqpar.ShapeError as e:
+        return str(e)
+    return None
+
+
+def test_token_ids_outside_the_vocabulary_fail_on_every_rank(pool, tmp_path):
+    """A token file made for another vocabulary: every rank names it (not the one rank holding the id)."""
+    import numpy as np
+
+    tokens = np.arange(4096, dtype=np.uint16) % 128
+    tokens[1000:3000] = 300  # past the tiny model's 128 ids: the first step's windows reach them
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    msgs = pool(4).run(run_with_data, str(path), timeout=120)
+    assert all(m is not None and "token ids span" in m and "vocabulary is [0, 128)" in m for m in msgs), msgs

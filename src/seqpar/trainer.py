@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import layout as layout_mod
 from .configs import get_config
 from .data import make_data
-from .errors import CommError, ConfigError, SeqParError, check
+from .errors import CommError, ConfigError, SeqParError, ShapeError, check
 from .mesh import Mesh, init
 from .models import LlamaForCausalLM
 from .tp._base import skip_init
@@ -128,8 +128,14 @@ def _flops_per_token(model: LlamaForCausalLM, seq_len: int) -> float:
     return 6 * n + 6 * c.num_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
-def _local_batch(data, cfg: TrainConfig, mesh: Mesh, step: int, device):
+def _local_batch(data, cfg: TrainConfig, mesh: Mesh, step: int, device, vocab: int):
     ids, labels = data.batch(step, cfg.micro_batch * mesh.dp)
+    # every rank reads the whole global batch: checked here, a bad id fails on every rank alike, before
+    # the embedding of the one rank holding it would raise while the others wait in a collective
+    lo, hi = int(ids.min()), int(ids.max())
+    check(0 <= lo and hi < vocab, ShapeError,
+          f"step {step + 1}: token ids span [{lo}, {hi}] but the model's vocabulary is [0, {vocab}): the data "
+          f"was tokenized for another vocabulary (check data.path / data.dtype and model.vocab_size)")
     rows = slice(mesh.rank("dp") * cfg.micro_batch, (mesh.rank("dp") + 1) * cfg.micro_batch)
     ids_l = layout_mod.shard(ids[rows], 1, layout=cfg.layout, mesh=mesh)
     labels_l = layout_mod.shard(labels[rows], 1, layout=cfg.layout, mesh=mesh, pad_value=IGNORE)
@@ -141,7 +147,7 @@ def _accuracy(model, data, cfg, mesh, device) -> float:
     correct = total = 0.0
     with torch.no_grad():
         for i in range(cfg.eval_batches):
-            ids, labels = _local_batch(data, cfg, mesh, 10**9 + i, device)
+            ids, labels = _local_batch(data, cfg, mesh, 10**9 + i, device, model.config.vocab_size)
             pred = vocab_parallel_argmax(model(ids), group=mesh.tp_group)
             valid = labels != IGNORE
             stats = torch.tensor([float(((pred == labels) & valid).sum()), float(valid.sum())])
@@ -152,7 +158,7 @@ def _accuracy(model, data, cfg, mesh, device) -> float:
 
 
 def _step(model, opt, data, cfg: TrainConfig, mesh: Mesh, step: int, device) -> float:
-    ids, labels = _local_batch(data, cfg, mesh, step, device)
+    ids, labels = _local_batch(data, cfg, mesh, step, device, model.config.vocab_size)
     for g in opt.param_groups:
         g["lr"] = _lr(cfg, step)
     out = causal_lm_loss(model(ids), labels, mesh)

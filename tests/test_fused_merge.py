@@ -43,6 +43,10 @@ def test_fused_merge_equals_torch(interpreted, d, dtype):
     lse = torch.randn(b, h, 7, generator=g)
     lse[0, 1, :2] = float("-inf")  # both sides empty on rows 2..3 of the view, one side on row 4
     lse[1, 0, 5] = float("nan")
+    lse[1, 2, 1] = float("nan")
+    acc_lse_full[1, 2, 3] = float("-inf")  # a NaN against an empty side stays NaN (maxnum would drop it)
+    acc_lse_full[0, 0, 4] = float("nan")
+    lse[0, 0, 2] = float("-inf")
     rows = slice(2, 9)  # a strided view of the accumulators, as the ring merges a query slice
     want_acc, want_lse = _torch_merge(acc_full[:, rows], acc_lse_full[:, :, rows], out, lse)
     acc, acc_lse = acc_full.clone(), acc_lse_full.clone()

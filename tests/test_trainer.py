@@ -128,8 +128,9 @@ def test_train_command_under_torchrun(tmp_path):
     cfg.write_text('model = "tiny"\nseq_len = 64\nmicro_batch = 2\nsteps = 3\nlog_every = 1\n'
                    'strategy = "ulysses"\n[data]\nkind = "recall"\npairs = 4\n')
     torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "seqpar.cli", "train", str(cfg)],
-                         capture_output=True, text=True, timeout=300)
+    # --standalone: a free rendezvous port (the default 29500 may be held by another job on the machine)
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "seqpar.cli", "train",
+                          str(cfg)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step      3/3" in out.stdout and "done: final loss" in out.stdout
 
@@ -197,3 +198,22 @@ def test_token_ids_outside_the_vocabulary_fail_on_every_rank(pool, tmp_path):
     tokens.tofile(path)
     msgs = pool(4).run(run_with_data, str(path), timeout=120)
     assert all(m is not None and "token ids span" in m and "vocabulary is [0, 128)" in m for m in msgs), msgs
+
+
+def test_optimizer_state_the_checkpoint_lacks_is_refused_by_name(tmp_path):
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    plain = torch.optim.AdamW(model.parameters())
+    _steps(model, plain, 1)
+    path = save(tmp_path / "a", model, plain, 1)
+    with pytest.raises(CheckpointError, match="amsgrad=False, but the optimizer has amsgrad=True"):
+        load(path, model, torch.optim.AdamW(model.parameters(), amsgrad=True))
+    bare = save(tmp_path / "b", model, None, 1)
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load(bare, model, torch.optim.AdamW(model.parameters()))
+    assert load(bare, model) == 1  # the model alone loads
+
+
+def test_log_every_zero_logs_only_the_last_step():
+    logged = []
+    train(TrainConfig.from_dict({**BASE, "log_every": 0}), log=logged.append)
+    assert [x["step"] for x in logged] == [BASE["steps"]]

@@ -76,6 +76,15 @@ def _moments(opt: torch.optim.Optimizer) -> tuple[list[str], bool]:
     return sorted(names), has_step
 
 
+def _agree(names: list[str], has_step: bool) -> tuple[list[str], bool]:
+    """The union over ranks: a rank whose optimizer holds no state yet must save the same entries."""
+    if not dist.is_initialized():
+        return names, has_step
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (names, has_step))
+    return sorted({n for ns, _ in every for n in ns}), any(s for _, s in every)
+
+
 def _ensure_state(opt: torch.optim.Optimizer, step: int, names: list[str], has_step: bool) -> None:
     """Give every parameter the state ``names`` (zeros where it has none yet), so every rank saves or
     loads the same entries."""
@@ -122,7 +131,7 @@ def _state(model, opt, fresh: bool, names=()) -> tuple[dict, list]:
 def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: int) -> Path:
     """Write ``directory/step-N`` (every rank calls; each writes its own shards). Returns its path."""
     directory = Path(directory)
-    names, has_step = _moments(opt) if opt is not None else ([], False)
+    names, has_step = _agree(*_moments(opt)) if opt is not None else ([], False)
     if opt is not None:
         _ensure_state(opt, step, names, has_step)
     final = directory / f"step-{step}"
@@ -135,7 +144,8 @@ def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: 
     dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if _rank() == 0:
-        optimizer = None if opt is None else {"type": type(opt).__name__, "moments": names, "step": has_step}
+        optimizer = None if opt is None else {"type": type(opt).__name__, "moments": names, "step": has_step,
+                                              "amsgrad": bool(opt.defaults.get("amsgrad", False))}
         (tmp / "meta.json").write_text(json.dumps({"step": step, "model": getattr(model.config, "name", None),
                                                    "layout": repr(model.mesh), "optimizer": optimizer}))
         with open(tmp / "COMPLETE", "w") as f:
@@ -163,12 +173,19 @@ def load(path: str | Path, model, opt: torch.optim.Optimizer | None = None) -> i
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable files: a corrupted checkpoint
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted (meta.json: {e})") from e
     # checkpoints written before the optimizer was recorded hold AdamW's moments
-    saved = meta.get("optimizer") or {"type": "AdamW", "moments": list(MOMENTS), "step": True}
-    names, has_step = (saved["moments"], saved["step"]) if opt is not None else ([], False)
+    saved = meta["optimizer"] if "optimizer" in meta else {"type": "AdamW", "moments": list(MOMENTS), "step": True}
+    names, has_step = (saved["moments"], saved["step"]) if opt is not None and saved else ([], False)
     if opt is not None:
+        check(saved is not None, CheckpointError,
+              f"checkpoint {str(path)!r} holds no optimizer state (saved with opt=None): load the model alone "
+              f"(opt=None) and start the optimizer afresh")
         check(type(opt).__name__ == saved["type"], CheckpointError,
               f"checkpoint {str(path)!r} holds {saved['type']} state, but the optimizer is {type(opt).__name__}: "
               f"resume with a {saved['type']}, or load the model alone (opt=None)")
+        amsgrad = bool(opt.defaults.get("amsgrad", False))
+        check(amsgrad == saved.get("amsgrad", False), CheckpointError,
+              f"checkpoint {str(path)!r} was saved with amsgrad={not amsgrad}, but the optimizer has "
+              f"amsgrad={amsgrad}: resume with the same setting")
     try:
         if opt is not None:
             _ensure_state(opt, step, names, has_step)

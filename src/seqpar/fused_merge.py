@@ -16,6 +16,7 @@ With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (how it is tested withou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -50,7 +51,8 @@ def _build():
     def merge_kernel(acc_ptr, acc_lse_ptr, out_ptr, lse_ptr, n_rows, L, H, D,
                      sa_b, sa_l, sa_h, sa_d, so_b, so_l, so_h, so_d, sal_b, sal_h, sal_l, sl_b, sl_h, sl_l,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flattened (b, l, h)
+        # int64 offsets: an accumulator can hold more than 2^31 elements (e.g. 128k tokens x 128 heads x 128)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # flattened (b, l, h)
         live = rows < n_rows
         h = rows % H
         l = (rows // H) % L
@@ -58,8 +60,8 @@ def _build():
         acc_lse_at = acc_lse_ptr + b * sal_b + h * sal_h + l * sal_l
         a = tl.load(acc_lse_at, mask=live, other=float("-inf"))
         n = tl.load(lse_ptr + b * sl_b + h * sl_h + l * sl_l, mask=live, other=float("-inf")).to(a.dtype)
-        top = tl.maximum(a, n)
-        none = top == float("-inf")  # no key on either side
+        top = tl.maximum(a, n)  # maxnum: a NaN side loses here, and comes back through gap below
+        none = (a == float("-inf")) & (n == float("-inf"))  # no key on either side
         gap = tl.where(none, 0.0, -tl.abs(a - n))
         new = tl.where(none, float("-inf"), top + tl.log(1.0 + tl.exp(gap)))  # logaddexp(a, n)
         w = tl.exp(n - tl.where(none, 0.0, new))  # the new part's weight; the accumulator's is 1 - w
@@ -84,6 +86,8 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
     """
     if not ((acc_out.is_cuda or _interpreting()) and available()):  # the CPU path pays one attribute read
         return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (acc_out, acc_lse, out, lse)):
+        return False  # the kernel writes in place outside autograd; lerp_ keeps a differentiable merge
     if not (acc_out.dtype == acc_lse.dtype == lse.dtype == torch.float32 and out.dim() == 4
             and out.shape == acc_out.shape and acc_lse.shape == lse.shape == (out.shape[0], out.shape[2], out.shape[1])
             and out.shape[3] <= 256 and out.dtype in (torch.float32, torch.bfloat16, torch.float16)):
@@ -99,9 +103,11 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
     try:
         if _STATE["kernel"] is None:
             _STATE["kernel"] = _build()
-        _STATE["kernel"][(triton.cdiv(n_rows, rows),)](
-            acc_out, acc_lse, out, lse, n_rows, l_, h, d, *acc_out.stride(), *out.stride(),
-            *acc_lse.stride(), *lse.stride(), ROWS=rows, BLOCK_D=block_d)
+        # Triton launches on the current CUDA device and stream: make them the tensors'
+        with torch.cuda.device(acc_out.device) if acc_out.is_cuda else contextlib.nullcontext():
+            _STATE["kernel"][(triton.cdiv(n_rows, rows),)](
+                acc_out, acc_lse, out, lse, n_rows, l_, h, d, *acc_out.stride(), *out.stride(),
+                *acc_lse.stride(), *lse.stride(), ROWS=rows, BLOCK_D=block_d)
     except Exception as e:  # a compile failure writes nothing: the PyTorch path takes over for good
         _STATE["failed"] = True
         warnings.warn(f"seqpar: the fused Triton merge failed ({type(e).__name__}: {e}); merging in PyTorch")

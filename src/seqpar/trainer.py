@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
             from .checkpoint import save
 
             save(cfg.checkpoint_dir, model, opt, step + 1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step + 1 == cfg.steps:
             mem = _gather_mem(cfg.device)  # a collective: every rank joins, whether or not it logs
             if rank0 and log is not None:
                 log({"step": step + 1, "steps": cfg.steps, "loss": losses[-1],

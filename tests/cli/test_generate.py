@@ -1,11 +1,14 @@
 """``seqpar generate``: an HF model's generation over local ranks equals HF's generate; bad flags refused."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 pytest.importorskip("transformers", minversion="4.53", reason="needs transformers>=4.53")
 
 from seqpar.cli import main  # noqa: E402
+from seqpar.errors import SeqParError  # noqa: E402
 
 
 @pytest.mark.parametrize("flags", [["--nproc", "2"], ["--nproc", "4", "--strategy", "usp", "--ulysses", "2",
@@ -33,3 +36,15 @@ def test_sampling_runs(capsys):
 def test_bad_flags_are_named_before_any_process_starts(capsys, flags, message):
     assert main(["generate", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_under_torchrun_the_world_size_counts_not_nproc(monkeypatch, capsys):
+    from seqpar.cli.generate import _validate
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    main_ns = argparse.Namespace(prompt=None, prompt_file=None, model=None, check=False, do_sample=False,
+                                 max_new_tokens=4, prompt_len=16, nproc=4, ulysses=4, strategy="usp")
+    _validate(main_ns)  # 2-D: 4 x 2 on 8 ranks, whatever --nproc says
+    main_ns.ulysses = 3
+    with pytest.raises(SeqParError, match="the world size 8 is not divisible by --ulysses 3"):
+        _validate(main_ns)

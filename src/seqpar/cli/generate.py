@@ -114,10 +114,14 @@ def _validate(ns: argparse.Namespace) -> None:
                           "drop --do-sample, --model and the text prompt")
     if ns.max_new_tokens < 1 or ns.prompt_len < 1:
         raise SeqParError("--max-new-tokens and --prompt-len must be >= 1")
-    if ns.nproc < 1 or ns.nproc % ns.ulysses:
-        raise SeqParError(f"--nproc {ns.nproc} is not divisible by --ulysses {ns.ulysses}")
-    if ns.strategy == "usp" and not 1 < ns.ulysses < ns.nproc:
-        raise SeqParError(f"--strategy usp needs 1 < --ulysses < --nproc (a 2-D mesh), got --ulysses {ns.ulysses}")
+    # under torchrun the world is WORLD_SIZE ranks (--nproc is for local ranks only)
+    world, what = (int(os.environ["WORLD_SIZE"]), "the world size") if "WORLD_SIZE" in os.environ else \
+        (ns.nproc, "--nproc")
+    if world < 1 or world % ns.ulysses:
+        raise SeqParError(f"{what} {world} is not divisible by --ulysses {ns.ulysses}")
+    if ns.strategy == "usp" and not 1 < ns.ulysses < world:
+        raise SeqParError(f"--strategy usp needs 1 < --ulysses < {what} ({world}: a 2-D mesh), got --ulysses "
+                          f"{ns.ulysses}")
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ def test_sampling_runs(capsys):
     (["--strategy", "usp", "--nproc", "4"], "--strategy usp needs 1 < --ulysses < --nproc"),
     (["--nproc", "3", "--ulysses", "2"], "--nproc 3 is not divisible by --ulysses 2"),
     (["--check", "--do-sample"], "--check compares greedy generation"),
+    (["--do-sample", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
 ])
 def test_bad_flags_are_named_before_any_process_starts(capsys, flags, message):
     assert main(["generate", *flags]) == 2

@@ -19,9 +19,10 @@ def test_warp_filters_like_hf():
     assert torch.allclose(Sampler(top_p=0.3).warp(logits), torch.tensor([[1.0, 0, 0, 0, 0]]))  # the first stays
     hot = Sampler(temperature=0.5).warp(logits)
     assert torch.allclose(hot, torch.tensor([[0.25, 0.04, 0.0225, 0.01, 0.0025]]) / 0.325)
-    for bad in ({"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+    for bad in ({"temperature": 0.0, "do_sample": True}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(seqpar.ConfigError):
             Sampler(**bad)
+    Sampler(temperature=0.0)  # greedy: the temperature is unused, as in HF
 
 
 SAMPLE = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7)

@@ -112,6 +112,9 @@ def _validate(ns: argparse.Namespace) -> None:
     if ns.check and (ns.do_sample or ns.model or ns.prompt or ns.prompt_file):
         raise SeqParError("--check compares greedy generation of the tiny random model with HF's generate: "
                           "drop --do-sample, --model and the text prompt")
+    from ..inference import Sampler
+
+    Sampler(ns.do_sample, ns.temperature, ns.top_k, ns.top_p, ns.seed)  # bad sampling flags, named here
     if ns.max_new_tokens < 1 or ns.prompt_len < 1:
         raise SeqParError("--max-new-tokens and --prompt-len must be >= 1")
     # under torchrun the world is WORLD_SIZE ranks (--nproc is for local ranks only)

@@ -39,8 +39,8 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(self.temperature > 0, ConfigError, f"temperature={self.temperature} must be > 0 (use do_sample=False "
-                                                 f"for greedy decoding)")
+        check(self.temperature > 0 or not self.do_sample, ConfigError,
+              f"temperature={self.temperature} must be > 0 when sampling (do_sample=False decodes greedily)")
         check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), ConfigError,
               f"top_k={self.top_k!r} must be an int >= 0 (0 or None: no top-k filter)")
         check(self.top_p is None or 0 < self.top_p <= 1, ConfigError, f"top_p={self.top_p} must be in (0, 1]")

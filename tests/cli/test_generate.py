@@ -44,7 +44,8 @@ def test_under_torchrun_the_world_size_counts_not_nproc(monkeypatch, capsys):
 
     monkeypatch.setenv("WORLD_SIZE", "8")
     main_ns = argparse.Namespace(prompt=None, prompt_file=None, model=None, check=False, do_sample=False,
-                                 max_new_tokens=4, prompt_len=16, nproc=4, ulysses=4, strategy="usp")
+                                 max_new_tokens=4, prompt_len=16, nproc=4, ulysses=4, strategy="usp",
+                                 temperature=1.0, top_k=None, top_p=None, seed=0)
     _validate(main_ns)  # 2-D: 4 x 2 on 8 ranks, whatever --nproc says
     main_ns.ulysses = 3
     with pytest.raises(SeqParError, match="the world size 8 is not divisible by --ulysses 3"):

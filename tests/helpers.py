@@ -1,6 +1,10 @@
 """Worker-side helpers shared by distributed tests (module-level: tasks pickle by reference)."""
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +70,14 @@ def masked_reference(q, k, v, do, *, causal: bool, cu_seqlens=None, window=None)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
     out.backward(do.double().transpose(1, 2))
     return tuple(t.transpose(1, 2).detach() for t in (out, q.grad, k.grad, v.grad))
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example(name: str):
+    """The module of ``examples/<name>.py`` (the examples folder is appended to sys.path: it shadows nothing,
+    and ranks import it again with each task)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.append(str(EXAMPLES))
+    return importlib.import_module(name)

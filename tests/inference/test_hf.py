@@ -6,9 +6,6 @@ comparison is with what an HF user gets on one device.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="4.53",
 import seqpar  # noqa: E402
 from seqpar.inference import CacheError, KVCache, decode_step, generate, prefill  # noqa: E402
 from seqpar.integrations import hf  # noqa: E402
-from tests.helpers import mesh  # noqa: E402
+from tests.helpers import example, mesh  # noqa: E402
 from tests.integrations.test_hf import build, data  # noqa: E402
 
 BATCH, NEW = 2, 6
@@ -203,15 +200,8 @@ def test_failed_decode_step_leaves_the_cache_unchanged():
 
 # ---- the example: examples/hf_generate.py generates what HF's own generate does on one process ----
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
 def _example():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.append(str(EXAMPLES))  # appended, not prepended: shadows nothing; ranks get it with each task
-    import hf_generate
-
-    return hf_generate
+    return example("hf_generate")
 
 
 def run_example(prompt_len: int, new: int):

@@ -6,9 +6,6 @@ loss and every parameter gradient after averaging over dp x sp (DDP semantics).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,7 +17,7 @@ transformers = pytest.importorskip("transformers", minversion="4.53",
 import seqpar  # noqa: E402
 from seqpar.errors import ConfigError  # noqa: E402
 from seqpar.integrations import hf  # noqa: E402
-from tests.helpers import mesh  # noqa: E402
+from tests.helpers import example, mesh  # noqa: E402
 
 VOCAB = 128
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -280,15 +277,8 @@ def test_errors_on_every_rank_before_communication(pool):
 
 # ---- the example: examples/hf_train.py trains exactly like one process on the global batch ----
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
 def _example():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.append(str(EXAMPLES))  # appended, not prepended: shadows nothing; ranks get it with each task
-    import hf_train
-
-    return hf_train
+    return example("hf_train")
 
 
 def run_example(steps: int, seq_len: int):

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         run(**kw)
+        torch.distributed.barrier()  # leave together: a rank exiting early makes gloo abort its peers
+        torch.distributed.destroy_process_group()
         return 0
     from seqpar.workers import WorkerPool
 

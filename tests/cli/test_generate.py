@@ -50,3 +50,15 @@ def test_under_torchrun_the_world_size_counts_not_nproc(monkeypatch, capsys):
     main_ns.ulysses = 3
     with pytest.raises(SeqParError, match="the world size 8 is not divisible by --ulysses 3"):
         _validate(main_ns)
+
+
+def test_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "seqpar.cli", "generate",
+                          "--prompt-len", "100", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "100 prompt tokens over sp=2 ranks" in out.stdout and out.stdout.count("new ids") == 1  # rank 0 reports

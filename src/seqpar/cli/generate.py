@@ -18,6 +18,7 @@ import sys
 import time
 
 from ..errors import SeqParError
+from .train import finish
 
 __all__ = ["add_parser", "generate_worker"]
 
@@ -148,6 +149,7 @@ def run(ns: argparse.Namespace) -> int:
             dist.all_gather_object(gathered, res)
         if not dist.is_initialized() or dist.get_rank() == 0:
             _report(ns, gathered)
+        finish()
         return 0
     from ..workers import WorkerPool
 

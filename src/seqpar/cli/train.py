@@ -19,7 +19,7 @@ import sys
 
 from ..errors import SeqParError
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "finish"]
 
 
 def _log(info: dict) -> None:
@@ -46,7 +46,17 @@ def run(ns: argparse.Namespace) -> int:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         print(f"done: final loss {result.losses[-1]:.4f}, token accuracy {result.accuracy:.3f}, "
               f"{result.tokens_per_s:.0f} tok/s over {result.world_size} ranks{mfu}", flush=True)
+    finish()
     return 0
+
+
+def finish() -> None:
+    """Leave the job together: a rank that exits while a peer still uses the group makes gloo abort the peer."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def add_parser(sub) -> None:

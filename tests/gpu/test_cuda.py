@@ -323,3 +323,30 @@ def test_training_step_equals_one_process(pool, degrees, strategy):
         assert r["loss"] == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
         for name, ref in want.items():
             assert torch.allclose(r["state"][name], ref, atol=2e-5, rtol=1e-4), name
+
+
+# --------------------------------------------------------------------------- the fused merge
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the fused Triton merge runs on CUDA tensors")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_merge_runs_and_equals_pytorch(dtype, monkeypatch):
+    """On the GPU the ring's merge is one Triton kernel: it must compile, run and equal the PyTorch merge."""
+    pytest.importorskip("triton")
+    from seqpar import fused_merge
+
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(2, 300, 8, 128, generator=g).to(DEVICE)
+    acc_lse = torch.randn(2, 8, 300, generator=g).to(DEVICE)
+    acc_lse[0, 0, :5] = float("-inf")
+    out = torch.randn(2, 300, 8, 128, generator=g).to(DEVICE, dtype)
+    lse = torch.randn(2, 8, 300, generator=g).to(DEVICE)
+    lse[0, 0, :3] = float("-inf")
+    want_acc, want_lse = acc.clone(), acc_lse.clone()
+    monkeypatch.setenv("SEQPAR_FUSED_MERGE", "0")
+    kernels.merge_into(want_acc, want_lse, out, lse)
+    monkeypatch.delenv("SEQPAR_FUSED_MERGE")
+    assert fused_merge.merge_into(acc, acc_lse, out, lse), "the fused merge did not run (see the warning)"
+    torch.cuda.synchronize()
+    torch.testing.assert_close(acc, want_acc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acc_lse, want_lse, atol=1e-5, rtol=1e-5)

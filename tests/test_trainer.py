@@ -217,3 +217,14 @@ def test_log_every_zero_logs_only_the_last_step():
     logged = []
     train(TrainConfig.from_dict({**BASE, "log_every": 0}), log=logged.append)
     assert [x["step"] for x in logged] == [BASE["steps"]]
+
+
+def test_a_step_saved_again_is_replaced_without_a_window_of_loss(tmp_path):
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    opt = torch.optim.AdamW(model.parameters())
+    _steps(model, opt, 1)
+    path = save(tmp_path, model, opt, 3)
+    save(tmp_path, model, opt, 3)  # the same step again: replaced, nothing left aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-3"]
+    path.rename(tmp_path / ".old-step-3")  # as if a re-save had crashed between its two renames
+    assert load_latest(tmp_path, model, opt) == 3

@@ -152,8 +152,14 @@ def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: 
             f.write("ok")
             f.flush()
             os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        # re-saving a step: the old copy steps aside (atomic) rather than being deleted first, so a crash
+        # between the two renames leaves it whole under .old-step-N, where load() finds it
+        aside = directory / f".old-{final.name}"
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)  # atomic on POSIX: readers see the old state or the whole new one
+        shutil.rmtree(aside, ignore_errors=True)
         pointer = directory / ".latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, directory / "latest")
@@ -164,6 +170,9 @@ def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: 
 def load(path: str | Path, model, opt: torch.optim.Optimizer | None = None) -> int:
     """Load ``step-N`` into ``model`` (and ``opt``) at the current layout, resharding as needed; returns N."""
     path = Path(path)
+    aside = path.with_name(f".old-{path.name}")
+    if not path.exists() and (aside / "COMPLETE").is_file():  # a re-save of this step crashed between renames
+        path = aside
     check((path / "COMPLETE").is_file(), CheckpointError,
           f"checkpoint {str(path)!r} is incomplete (no COMPLETE marker: the save was interrupted); "
           f"load an earlier step-N directory")

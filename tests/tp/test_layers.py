@@ -201,3 +201,13 @@ def test_deepcopy_shares_the_group_and_keeps_marks(pool):
         assert r["same"] and r["shared_group"]
         assert r["marks"] == [False, False, False, True, True, True]  # col w, col b, row w, row b, ln w, ln b
         assert r["partition_dims"] == [0, 0, 1, None, None, None]
+
+
+def test_row_parallel_output_dtype_under_autocast_is_nn_linears():
+    full = torch.nn.Linear(8, 4)
+    row = tp.RowParallelLinear.from_full(full, mesh=seqpar.Mesh())
+    x = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = full(x), row(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)

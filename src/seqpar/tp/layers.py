@@ -207,7 +207,9 @@ class RowParallelLinear(TPModule):
             y = mp.reduce_scatter_to_sequence_parallel_region(y, self.tp_group, self.seq_dim)
         else:
             y = mp.reduce_from_tensor_parallel_region(y, self.tp_group)
-        return y if self.bias is None else y + self.bias
+        # the bias is added after the reduction (once, not once per rank); in y's dtype, as nn.Linear does
+        # under autocast (a float32 bias would otherwise promote a bf16 output)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
     def from_full(cls, linear: nn.Linear, *, mesh: Mesh | None = None, sequence_parallel: bool = False,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import seqpar
+from seqpar.workers import run_on_ranks
 from seqpar.inference import generate
 from seqpar.integrations import hf
 
@@ -88,20 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prompt-file needs --model (its tokenizer)")
     kw = dict(model_name=a.model, prompt_file=a.prompt_file, prompt_len=a.prompt_len, new=a.new,
               ulysses=a.ulysses, strategy=a.strategy, layout=a.layout, dtype=a.dtype)
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one rank
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        run(**kw)
-        torch.distributed.barrier()  # leave together: a rank exiting early makes gloo abort its peers
-        torch.distributed.destroy_process_group()
-        return 0
-    from seqpar.workers import WorkerPool
-
     # Ranks import functions by reference: import this file as a module (its folder is sys.path[0]).
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     mod = importlib.import_module(Path(__file__).stem)
-    with WorkerPool(a.nproc) as pool:
-        ours = pool.run(mod.run, **kw)[0]
+    # under torchrun this process is one rank; otherwise a pool of --nproc local CPU ranks
+    ours = run_on_ranks(mod.run, a.nproc, **kw)[0]
+    if "WORLD_SIZE" in os.environ:
+        return 0
     if a.check:
         ref = reference(a.model, a.prompt_file, a.prompt_len, a.new, a.dtype)
         same = torch.equal(ours, ref)

@@ -24,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import seqpar
+from seqpar.workers import run_on_ranks
 from seqpar.integrations import hf
 
 VOCAB = 256
@@ -141,20 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     kw = dict(sp=a.sp, ulysses=a.ulysses, strategy=a.strategy, layout=a.layout, steps=a.steps, seq_len=a.seq_len,
               batch=a.batch, lr=a.lr)
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one rank
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        train(**kw)
-        torch.distributed.barrier()  # leave together: a rank exiting early makes gloo abort its peers
-        torch.distributed.destroy_process_group()
-        return 0
-    from seqpar.workers import WorkerPool
-
     # Ranks import functions by reference: import this file as a module (its folder is sys.path[0]).
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     mod = importlib.import_module(Path(__file__).stem)
-    with WorkerPool(a.nproc) as pool:
-        losses = pool.run(mod.train, **kw)[0]
+    # under torchrun this process is one rank; otherwise a pool of --nproc local CPU ranks
+    losses = run_on_ranks(mod.train, a.nproc, **kw)[0]
+    if "WORLD_SIZE" in os.environ:
+        return 0
     if a.check:
         ref = reference(a.nproc // a.sp, a.steps, a.seq_len, a.batch, a.lr)
         err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref))

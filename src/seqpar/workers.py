@@ -55,7 +55,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["WorkerPool", "WorkerError", "RemoteException", "get_pool", "shutdown_pools"]
+__all__ = ["WorkerPool", "WorkerError", "RemoteException", "get_pool", "shutdown_pools", "run_on_ranks",
+           "leave_job"]
 
 _HOST = "127.0.0.1"
 _SHUTDOWN = b""  # an empty message asks a rank to leave its loop
@@ -384,3 +385,38 @@ def shutdown_pools() -> None:
 
 
 atexit.register(shutdown_pools)
+
+
+def leave_job() -> None:
+    """Under torchrun, leave the job together: barrier, then destroy the process group.
+
+    A rank that exits while a peer still holds the group makes gloo abort that peer (SIGABRT).
+    Nothing to do without a process group.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, nproc: int, *args: Any, timeout: float | None = None, **kwargs: Any) -> list:
+    """``fn(*args, **kwargs)`` on every rank; returns every rank's result, in rank order.
+
+    Under torchrun (``WORLD_SIZE`` set) this process is one rank: it takes ``cuda:LOCAL_RANK`` where
+    CUDA is available, runs ``fn`` (which sets up the process group, e.g. through ``seqpar.init``),
+    gathers the results and leaves the job with the others (:func:`leave_job`).  Otherwise a
+    :class:`WorkerPool` of ``nproc`` local ranks (gloo) runs it: ``fn`` must then be a module-level
+    function of an importable module.
+    Communication: under torchrun, one ``all_gather_object`` of the results.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        with WorkerPool(nproc, **({} if timeout is None else {"timeout": timeout})) as pool:
+            return pool.run(fn, *args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    result = fn(*args, **kwargs)
+    if not dist.is_initialized():
+        return [result]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    leave_job()
+    return gathered

@@ -18,7 +18,6 @@ import sys
 import time
 
 from ..errors import SeqParError
-from .train import finish
 
 __all__ = ["add_parser", "generate_worker"]
 
@@ -137,24 +136,13 @@ def run(ns: argparse.Namespace) -> int:
     keys = ("model", "prompt", "prompt_file", "prompt_len", "max_new_tokens", "strategy", "layout", "ulysses",
             "dtype", "device", "do_sample", "temperature", "top_k", "top_p", "seed", "eos")
     cfg = {k: getattr(ns, k) for k in keys}
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one rank
-        import torch
-        import torch.distributed as dist
+    from ..workers import run_on_ranks
 
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        res = generate_worker(cfg)
-        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [res]
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, res)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            _report(ns, gathered)
-        finish()
+    results = run_on_ranks(generate_worker, ns.nproc, cfg, timeout=3600)  # torchrun's ranks, or local ones
+    if "WORLD_SIZE" in os.environ:  # each torchrun rank got every rank's results: global rank 0 reports
+        if int(os.environ.get("RANK", 0)) == 0:
+            _report(ns, results)
         return 0
-    from ..workers import WorkerPool
-
-    with WorkerPool(ns.nproc, timeout=3600) as pool:
-        results = pool.run(generate_worker, cfg)
     _report(ns, results)
     if not ns.check:
         return 0

@@ -18,8 +18,9 @@ import os
 import sys
 
 from ..errors import SeqParError
+from ..workers import leave_job
 
-__all__ = ["add_parser", "finish"]
+__all__ = ["add_parser"]
 
 
 def _log(info: dict) -> None:
@@ -46,17 +47,8 @@ def run(ns: argparse.Namespace) -> int:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         print(f"done: final loss {result.losses[-1]:.4f}, token accuracy {result.accuracy:.3f}, "
               f"{result.tokens_per_s:.0f} tok/s over {result.world_size} ranks{mfu}", flush=True)
-    finish()
+    leave_job()
     return 0
-
-
-def finish() -> None:
-    """Leave the job together: a rank that exits while a peer still uses the group makes gloo abort the peer."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def add_parser(sub) -> None:

@@ -106,7 +106,7 @@ class _Prefill:
         """
         keep, cache = self.keep, self.cache
         if window is not None and cache.ordered:
-            first = int((cache.tail_positions(cache.local_len) <= cache.prompt_len - int(window)).sum())
+            first = int((cache.positions <= cache.prompt_len - int(window)).sum())
             if first:
                 keep = (torch.arange(cache.local_len, device=k.device) if keep is None else keep)[first:]
         if keep is not None:
@@ -147,13 +147,13 @@ class _Decode:
         over all ranks, as HF's sliding-window caches do on one device.
         """
         layer = self.cache.layers[_layer_index(module, self.cache)]
-        layer.check(k, v)  # on every rank, before the owner's append (a misfit must fail everywhere)
         group = self.cache.mesh.sp_group
         if sliding_window is None:
             return decode_attention(layer, self.own, q, k, v, group, scale=scale)
         window = int(sliding_window)
         if not self.cache.ordered:
             return decode_attention(layer, self.own, q, k, v, group, scale=scale, keys=self._visible(window, q.device))
+        layer.check(k, v)  # on every rank, before the owner's append (a misfit must fail everywhere)
         if self.own:  # stored before attending, as decode_attention would
             layer.append(k, v)
         layer.drop_front(int((self._positions(layer.len) <= self.position - window).sum()))

@@ -28,7 +28,7 @@ from seqpar.configs import ModelConfig, ModelLike, get_config
 from seqpar.errors import ConfigError, check
 from seqpar.plan.layout import divisors
 from seqpar.plan.memory import GB, parameter_count
-from seqpar.plan.timing import Hardware, layer_flops
+from seqpar.plan.timing import Hardware, _ring_time, layer_flops
 
 __all__ = ["kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference"]
 
@@ -118,8 +118,7 @@ def _cost(c: ModelConfig, seq_len: int, tp: int, sp: int, batch: int, dtype_byte
     ring_bw = hw.bandwidth(tp * sp > hw.node_size)
     tp_bw = hw.bandwidth(tp > hw.node_size)
     kv_block = 2 * batch * local * max(c.kv_heads // tp, 1) * c.d * dtype_bytes
-    ring = sum(max(compute / sp, kv_block / ring_bw if i < sp - 1 else 0.0) for i in range(sp)) if sp > 1 \
-        else compute
+    ring = _ring_time(sp, compute, kv_block / ring_bw)  # transfers overlapped with block compute
     # Megatron TP + SP: an all-gather before and a reduce-scatter after attention and the MLP
     tp_bytes = 4 * (tp - 1) / tp * batch * local * c.hidden_size * dtype_bytes if tp > 1 else 0
     prefill = c.num_layers * (ring + tp_bytes / tp_bw)

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from seqpar.stats import saved_activations
+from seqpar.core.stats import saved_activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STRATEGIES = ["ring", "ulysses", "allgather", "ring_qk_av"]
@@ -63,7 +63,7 @@ def bench_rank(cfg: dict):
     import torch.distributed as dist
 
     import seqpar
-    from seqpar.layout import get_layout
+    from seqpar.core.layout import get_layout
 
     device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
     if device == "cuda":
@@ -111,7 +111,7 @@ def run_distributed(ns) -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # ranks import this file as a module
-    from seqpar.workers import WorkerPool
+    from seqpar.launch.pool import WorkerPool
 
     print(f"# attention fwd+bwd, {ns.nproc} ranks on {ns.device} (gloo), {ns.dtype}, B={ns.batch} H={ns.heads} "
           f"Hkv={ns.kv_heads} D={ns.head_dim}, causal={ns.causal}, layout={ns.layout}; median of {ns.reps}")
@@ -142,7 +142,7 @@ def run_distributed(ns) -> None:
 def drift_rank(strategy: str, shape, seed: int):
     """Worker task: bf16 shards through the strategy; returns output and grad shards with their positions."""
     import seqpar
-    from seqpar.layout import get_layout
+    from seqpar.core.layout import get_layout
 
     mesh = seqpar.get_mesh() or seqpar.init()
     b, s, h, hkv, d = shape
@@ -161,7 +161,7 @@ def run_drift(ns) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import attention as this  # noqa: F401  (the module the ranks import)
-    from seqpar.workers import WorkerPool
+    from seqpar.launch.pool import WorkerPool
 
     shape = (ns.batch, ns.seq_lens[0], ns.heads, ns.kv_heads, ns.head_dim)
     q, k, v, do = _inputs(*shape, torch.float64, "cpu", 0)
@@ -194,8 +194,8 @@ def run_drift(ns) -> None:
 def run_emulated_ring(ns) -> None:
     """Decomposition efficiency of one ring rank, on one device, no communication."""
     from seqpar.attention.ring import _backward_block, _empty_acc, _forward_block
-    from seqpar.kernels import attention_with_lse, pick_backend
-    from seqpar.layout import get_layout
+    from seqpar.core.kernels import attention_with_lse, pick_backend
+    from seqpar.core.layout import get_layout
 
     device, dtype, n = ns.device, DTYPES[ns.dtype], ns.nproc
     torch.set_num_threads(ns.threads)  # on a shared CPU, idle OpenMP threads stall small elementwise ops

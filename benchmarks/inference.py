@@ -42,7 +42,7 @@ def _sync(device: str) -> None:
 
 
 def _model_config(cfg: dict):
-    from seqpar.configs import ModelConfig
+    from seqpar.core.configs import ModelConfig
 
     return ModelConfig(hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
                        num_layers=cfg["layers"], ffn_hidden_size=cfg["ffn"], vocab_size=cfg["vocab"], name="bench")
@@ -137,7 +137,7 @@ def bench_rank(cfg: dict) -> dict:
     import torch.distributed as dist
 
     import seqpar
-    from seqpar.mesh import Mesh
+    from seqpar.core.mesh import Mesh
     from seqpar.models import LlamaForCausalLM
 
     device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
@@ -203,7 +203,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # ranks import this file as a module
     import inference as this  # noqa: F401  (the module the ranks import)
-    from seqpar.workers import WorkerPool
+    from seqpar.launch.pool import WorkerPool
 
     print(f"`python benchmarks/inference.py {shlex.join(sys.argv[1:])}`\n")
     what = f"{ns.model} model" + (f" (Mistral, window {ns.window})" if ns.window else "")

@@ -295,7 +295,7 @@ def bench_pair(cfg: dict):
     import torch.distributed as dist
 
     import seqpar
-    from seqpar.layout import get_layout
+    from seqpar.core.layout import get_layout
 
     group = dist.group.WORLD
     n, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -438,7 +438,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # ranks import this file as a module
     import peers as this
-    from seqpar.workers import WorkerPool
+    from seqpar.launch.pool import WorkerPool
 
     tol = 1e-4 if ns.dtype == "float32" else 5e-2
     print(f"# seqpar vs peers: fwd+bwd on CPU (gloo), {ns.dtype}, B={ns.batch} D={ns.head_dim}, "

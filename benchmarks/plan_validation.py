@@ -3,7 +3,7 @@
 For each parallel layout (``CASES``) and sequence length, on local ranks, this
 measures the bytes autograd saves for backward (``seqpar.stats.saved_activations``,
 weights excluded) for one decoder layer of :class:`seqpar.models.LlamaForCausalLM`
-and for the whole model (forward + ``seqpar.training.causal_lm_loss``), and prints
+and for the whole model (forward + ``seqpar.train.causal_lm_loss``), and prints
 them next to :func:`seqpar.plan.activation_memory_per_layer` /
 :func:`seqpar.plan.activation_memory` with ``implementation="seqpar"`` (and, for
 reference, the default ``"paper"`` accounting with a fused kernel). ``--terms``
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 import seqpar
-from seqpar.configs import ModelConfig
+from seqpar.core.configs import ModelConfig
 from seqpar.models import LlamaForCausalLM
 from seqpar.plan import activation_memory, activation_memory_per_layer
-from seqpar.stats import saved_activations
+from seqpar.core.stats import saved_activations
 
 #: A small Llama-shaped model: GQA 4:1, SwiGLU width ~ 8h/3, two layers.
 CONFIG = ModelConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_layers=2,
@@ -85,7 +85,7 @@ class _BySource:
 
 def measure(case: str, seq_len: int, dtype: str = "float32", device: str = "cpu", terms: bool = False) -> dict:
     """Worker task: saved bytes of one layer and of the whole model on this rank (+ CUDA allocator figures)."""
-    from seqpar.training import causal_lm_loss
+    from seqpar.train.loss import causal_lm_loss
 
     _, degrees, strategy, spar = CASES[case]
     m = _mesh(degrees)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device visible to PyTorch")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import plan_validation as this  # ranks unpickle tasks by module name: not "__main__"
-    from seqpar.workers import WorkerPool
+    from seqpar.launch.pool import WorkerPool
 
     pools: dict[int, WorkerPool] = {}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import seqpar
-from seqpar.workers import run_on_ranks
+from seqpar.launch.pool import run_on_ranks
 from seqpar.inference import generate
 from seqpar.integrations import hf
 

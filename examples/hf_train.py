@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import seqpar
-from seqpar.workers import run_on_ranks
+from seqpar.launch.pool import run_on_ranks
 from seqpar.integrations import hf
 
 VOCAB = 256

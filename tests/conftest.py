@@ -6,7 +6,7 @@ from typing import Callable
 import pytest
 from hypothesis import settings
 
-from seqpar.workers import WorkerPool, get_pool, shutdown_pools
+from seqpar.launch.pool import WorkerPool, get_pool, shutdown_pools
 
 # Distributed hypothesis examples cost milliseconds each and vary a lot on a
 # loaded 2-core CI box: fewer examples, and no per-example deadline.

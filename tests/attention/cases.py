@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import seqpar
-from seqpar.layout import get_layout
+from seqpar.core.layout import get_layout
 from tests.helpers import DTYPES, mesh, qkv
 
 

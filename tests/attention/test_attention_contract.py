@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqpar.workers import get_pool
+from seqpar.launch.pool import get_pool
 from tests.attention.cases import assemble, run_attention, run_invalid
 from tests.helpers import max_err, qkv, sdpa_reference
 
@@ -94,7 +94,7 @@ def test_property_random_shapes(world, strategy, layout, causal, chunks, kv, gro
 
 
 def saved_by_strategy(strategy: str):
-    from seqpar.stats import saved_activations
+    from seqpar.core.stats import saved_activations
     from tests.helpers import mesh
 
     mesh()
@@ -117,7 +117,7 @@ def test_ring_and_allgather_keep_only_q_k_v_out_lse(pool, strategy):
 
 
 def local_under_trivial_mesh():
-    from seqpar.mesh import Mesh
+    from seqpar.core.mesh import Mesh
     from tests.helpers import mesh
 
     mesh()  # a default 4-rank mesh exists in this process

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers", minversion="4.53", reason="needs transformers>=4.53")
 
 from seqpar.cli import main  # noqa: E402
-from seqpar.errors import SeqParError  # noqa: E402
+from seqpar.core.errors import SeqParError  # noqa: E402
 
 
 @pytest.mark.parametrize("flags", [["--nproc", "2"], ["--nproc", "4", "--strategy", "usp", "--ulysses", "2",

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 import seqpar
 from seqpar.inference import generate
-from seqpar import kernels
-from seqpar.kernels import attention_with_lse, pick_backend, reference_attention
-from seqpar.mesh import Mesh
+from seqpar.core import kernels
+from seqpar.core.kernels import attention_with_lse, pick_backend, reference_attention
+from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
-from seqpar.training import causal_lm_loss, shift_labels, sync_gradients
+from seqpar.train.loss import causal_lm_loss, shift_labels, sync_gradients
 from tests.helpers import DTYPES, max_err, mesh, qkv, sdpa_reference
 
 DEVICE = os.environ.get("SEQPAR_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
@@ -333,7 +333,7 @@ def test_training_step_equals_one_process(pool, degrees, strategy):
 def test_fused_merge_runs_and_equals_pytorch(dtype, monkeypatch):
     """On the GPU the ring's merge is one Triton kernel: it must compile, run and equal the PyTorch merge."""
     pytest.importorskip("triton")
-    from seqpar import fused_merge
+    from seqpar.core import fused_merge
 
     g = torch.Generator().manual_seed(0)
     acc = torch.randn(2, 300, 8, 128, generator=g).to(DEVICE)

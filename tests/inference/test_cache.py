@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqpar.inference import CacheError, KVCache, LayerCache
-from seqpar.mesh import Mesh
+from seqpar.core.mesh import Mesh
 
 
 def _kv(n: int, g: torch.Generator):

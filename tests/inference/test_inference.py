@@ -6,8 +6,8 @@ import torch
 
 import seqpar
 from seqpar.inference import CacheError, KVCache, decode_step, generate, prefill
-from seqpar.layout import get_layout
-from seqpar.mesh import Mesh
+from seqpar.core.layout import get_layout
+from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
 from seqpar.tp.cross_entropy import vocab_parallel_argmax
 from tests.helpers import mesh

@@ -6,7 +6,7 @@ import torch
 
 import seqpar
 from seqpar.inference import Sampler, generate
-from seqpar.mesh import Mesh
+from seqpar.core.mesh import Mesh
 from tests.helpers import mesh
 from tests.inference.test_inference import NEW, _model, _prompt, _reference
 

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="4.53",
                                    reason="needs transformers>=4.53 (pip install transformers)")
 
 import seqpar  # noqa: E402
-from seqpar.errors import ConfigError  # noqa: E402
+from seqpar.core.errors import ConfigError  # noqa: E402
 from seqpar.integrations import hf  # noqa: E402
 from tests.helpers import example, mesh  # noqa: E402
 

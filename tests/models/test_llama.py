@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import seqpar
-from seqpar.mesh import Mesh
+from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
-from seqpar.training import causal_lm_loss, shift_labels, sync_gradients
+from seqpar.train.loss import causal_lm_loss, shift_labels, sync_gradients
 from tests.helpers import mesh
 
 SEQ, BATCH, STEPS, LR = 32, 2, 3, 1e-2
@@ -142,7 +142,7 @@ def test_fsdp2_over_dp_sp(pool, degrees, strategy):
 def train_tied(degrees: dict, tied: bool):
     import dataclasses
 
-    from seqpar.configs import get_config
+    from seqpar.core.configs import get_config
 
     cfg = dataclasses.replace(get_config("tiny"), tied_embeddings=tied)
     m = mesh(**degrees) if degrees else Mesh()

@@ -6,7 +6,7 @@ import torch
 
 import seqpar
 from seqpar.models import LlamaForCausalLM
-from seqpar.stats import saved_activations
+from seqpar.core.stats import saved_activations
 from tests.helpers import mesh
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from seqpar import tp
-from seqpar.workers import get_pool
+from seqpar.launch.pool import get_pool
 from tests.helpers import mesh
 
 

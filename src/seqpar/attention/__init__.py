@@ -11,12 +11,12 @@ import math
 
 import torch
 
-from ..debug import check_agree, check_finite, check_finite_enabled
-from ..errors import ConfigError, ShapeError, check
-from ..kernels import _check_qkv, attention_with_lse, pick_backend
-from ..layout import Nested, _info, resolve_layout
-from ..masks import TokenMeta
-from ..mesh import Mesh, get_mesh, group_size, resolve_group
+from ..core.debug import check_agree, check_finite, check_finite_enabled
+from ..core.errors import ConfigError, ShapeError, check
+from ..core.kernels import _check_qkv, attention_with_lse, pick_backend
+from ..core.layout import Nested, _info, resolve_layout
+from ..core.masks import TokenMeta
+from ..core.mesh import Mesh, get_mesh, group_size, resolve_group
 from .plans import LayoutPlan, MetaPlan
 from .ring import allgather_attention, ring_attention
 from .ring_qk_av import ring_qk_av_attention

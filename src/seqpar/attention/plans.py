@@ -1,8 +1,8 @@
 """Which attention work each (query rank, key rank) pair needs: closed-form or from token metadata."""
 from __future__ import annotations
 
-from ..layout import Layout
-from ..masks import Task, TokenMeta, block_tasks
+from ..core.layout import Layout
+from ..core.masks import Task, TokenMeta, block_tasks
 
 __all__ = ["LayoutPlan", "MetaPlan"]
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import RingExchange, _all_gather, _reduce_scatter
-from ..kernels import attention_backward, attention_forward, merge_into
-from ..mesh import group_rank, group_size
+from ..core.comm import RingExchange, _all_gather, _reduce_scatter
+from ..core.kernels import attention_backward, attention_forward, merge_into
+from ..core.mesh import group_rank, group_size
 
 __all__ = ["ring_attention", "allgather_attention"]
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import RingExchange
-from ..kernels import _expand_kv, _fold_kv_grad
-from ..masks import TokenMeta, _visible
-from ..mesh import group_rank, group_size
+from ..core.comm import RingExchange
+from ..core.kernels import _expand_kv, _fold_kv_grad
+from ..core.masks import TokenMeta, _visible
+from ..core.mesh import group_rank, group_size
 
 __all__ = ["ring_qk_av_attention"]
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import comm
-from ..mesh import group_size
+from ..core import comm
+from ..core.mesh import group_size
 
 __all__ = ["HeadExchange"]
 

@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, SeqParError
+from ..core.errors import ConfigError, SeqParError
 
 __all__ = ["add_parser", "plan_cases", "run_case", "reference", "tolerance", "validate"]
 
@@ -297,7 +297,7 @@ def run(ns: argparse.Namespace) -> int:
     if torchrun:
         return _run_torchrun(ns, spec, world)
     worlds = sorted({w for w in (2 ** i for i in range(world.bit_length())) if w <= world} | {world})
-    from ..workers import get_pool
+    from ..launch.pool import get_pool
 
     tol, errs, rows = _run_all(ns, spec, worlds, lambda w, fn, *a: get_pool(w).run(fn, *a))
     return _report(ns, spec, worlds, tol, errs, rows)

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from ..errors import SeqParError
+from ..core.errors import SeqParError
 
 __all__ = ["add_parser", "demo_worker"]
 
@@ -33,7 +33,7 @@ def _bar(info: dict) -> None:
 
 def demo_worker(cfg_dict: dict, progress: bool):
     """Worker task: one rank of the training run; returns the result."""
-    from ..trainer import TrainConfig, train
+    from ..train.trainer import TrainConfig, train
 
     return train(TrainConfig.from_dict(cfg_dict), log=_bar if progress else None)
 
@@ -49,7 +49,7 @@ def _config(ns: argparse.Namespace, single: bool) -> dict:
 
 def _validate(ns: argparse.Namespace) -> None:
     """Every mistake named with its fix before any process starts."""
-    from ..trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     n, tp, u = ns.nproc, ns.tp, ns.ulysses
     if n < 1 or n % (tp * u):
@@ -67,8 +67,8 @@ def _validate(ns: argparse.Namespace) -> None:
 
 
 def demo(ns: argparse.Namespace) -> int:
-    from ..trainer import TrainConfig, train
-    from ..workers import WorkerPool
+    from ..train.trainer import TrainConfig, train
+    from ..launch.pool import WorkerPool
 
     try:
         _validate(ns)

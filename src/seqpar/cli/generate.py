@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from ..errors import SeqParError
+from ..core.errors import SeqParError
 
 __all__ = ["add_parser", "generate_worker"]
 
@@ -67,7 +67,7 @@ def generate_worker(ns: dict) -> dict:
     import seqpar
     from ..inference import Sampler, decode, prefill
     from ..integrations import hf
-    from ..mesh import on_cuda_backend
+    from ..core.mesh import on_cuda_backend
 
     mesh = seqpar.init(ulysses=ns["ulysses"])
     on_gpu = on_cuda_backend()
@@ -136,7 +136,7 @@ def run(ns: argparse.Namespace) -> int:
     keys = ("model", "prompt", "prompt_file", "prompt_len", "max_new_tokens", "strategy", "layout", "ulysses",
             "dtype", "device", "do_sample", "temperature", "top_k", "top_p", "seed", "eos")
     cfg = {k: getattr(ns, k) for k in keys}
-    from ..workers import run_on_ranks
+    from ..launch.pool import run_on_ranks
 
     results = run_on_ranks(generate_worker, ns.nproc, cfg, timeout=3600)  # torchrun's ranks, or local ones
     if "WORLD_SIZE" in os.environ:  # each torchrun rank got every rank's results: global rank 0 reports

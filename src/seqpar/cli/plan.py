@@ -21,8 +21,8 @@ import shutil
 import sys
 from typing import Any
 
-from ..configs import MODELS, ModelConfig, get_config
-from ..errors import ConfigError, SeqParError
+from ..core.configs import MODELS, ModelConfig, get_config
+from ..core.errors import ConfigError, SeqParError
 
 __all__ = ["add_parser", "build_config", "parse_tokens", "validate"]
 

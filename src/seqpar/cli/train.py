@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 8 -m seqpar.cli train run.toml            # one node, NCCL on GPUs
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-endpoint HOST:PORT -m seqpar.cli train run.toml
 
-The config (TOML or YAML) holds the keys of :class:`seqpar.trainer.TrainConfig`:
+The config (TOML or YAML) holds the keys of :class:`seqpar.train.TrainConfig`:
 model (a registered name or a table of Hugging Face-style sizes), parallel degrees
 (tp, ulysses, dp; sp takes the rest of the world), strategy and layout, data
 (``{kind = "tokens", path = "...", dtype = "uint16"}``: a memory-mapped token
@@ -17,8 +17,8 @@ import argparse
 import os
 import sys
 
-from ..errors import SeqParError
-from ..workers import leave_job
+from ..core.errors import SeqParError
+from ..launch.pool import leave_job
 
 __all__ = ["add_parser"]
 
@@ -33,7 +33,7 @@ def run(ns: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..trainer import TrainConfig, train
+    from ..train.trainer import TrainConfig, train
 
     try:
         cfg = TrainConfig.load(ns.config)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SeqParError, ShapeError, check
+from ..core.errors import SeqParError, ShapeError, check
 
 __all__ = ["KVCache", "LayerCache", "CacheError"]
 

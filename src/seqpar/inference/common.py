@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import comm
-from ..debug import check_agree, debug_enabled
-from ..errors import ShapeError, check
-from ..kernels import attention_with_lse, merge_into
-from ..layout import resolve_layout
-from ..mesh import Mesh, group_rank, group_size
-from ..packing import SeqInfo
+from ..core import comm
+from ..core.debug import check_agree, debug_enabled
+from ..core.errors import ShapeError, check
+from ..core.kernels import attention_with_lse, merge_into
+from ..core.layout import resolve_layout
+from ..core.mesh import Mesh, group_rank, group_size
+from ..core.packing import SeqInfo
 from .cache import KVCache, LayerCache
 
 __all__ = ["check_prompt", "check_tokens", "split_prompt", "new_cache", "token_owner", "decode_attention",

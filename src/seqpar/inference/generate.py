@@ -30,12 +30,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .. import comm
+from ..core import comm
 from ..attention import STRATEGIES, attention
-from ..errors import ConfigError, ShapeError, check
-from ..kernels import attention_with_lse
-from ..mesh import Mesh, group_rank, group_size
-from ..packing import SeqInfo
+from ..core.errors import ConfigError, ShapeError, check
+from ..core.kernels import attention_with_lse
+from ..core.mesh import Mesh, group_rank, group_size
+from ..core.packing import SeqInfo
 from ..tp._base import TPModule
 from . import hf as _hf
 from .cache import CacheError, KVCache, LayerCache

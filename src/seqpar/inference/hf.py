@@ -35,13 +35,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import comm
+from ..core import comm
 from ..attention import STRATEGIES
-from ..errors import ConfigError, check
+from ..core.errors import ConfigError, check
 from ..integrations._hf_batch import INFO_KEY
 from ..integrations.hf import CACHE_KEY, _Settings
-from ..layout import resolve_layout
-from ..mesh import Mesh, group_size
+from ..core.layout import resolve_layout
+from ..core.mesh import Mesh, group_size
 from .cache import CacheError, KVCache, LayerCache
 from .common import (check_prompt, check_tokens, decode_attention, new_cache, split_prompt, token_owner,
                      window_keys)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import comm
-from ..errors import ConfigError, check
-from ..mesh import Mesh, group_size
+from ..core import comm
+from ..core.errors import ConfigError, check
+from ..core.mesh import Mesh, group_size
 from ..tp.cross_entropy import vocab_parallel_argmax
 
 __all__ = ["Sampler"]

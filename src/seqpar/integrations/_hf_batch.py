@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import ConfigError, ShapeError, check
-from ..layout import get_layout, resolve_layout, shard
-from ..mesh import Mesh, get_mesh, group_rank, group_size
-from ..packing import SeqInfo
-from ..stats import record_comm
+from ..core.errors import ConfigError, ShapeError, check
+from ..core.layout import get_layout, resolve_layout, shard
+from ..core.mesh import Mesh, get_mesh, group_rank, group_size
+from ..core.packing import SeqInfo
+from ..core.stats import record_comm
 
 __all__ = ["shard_batch", "sp_causal_lm_loss", "SPLoss", "shift_labels", "cu_seqlens_from_position_ids",
            "IGNORE_INDEX", "INFO_KEY"]
@@ -209,7 +209,7 @@ def sp_causal_lm_loss(logits_local: torch.Tensor, labels_local: torch.Tensor, me
     global_tokens``: its share of that mean, scaled by the number of ranks, so that
     *averaging* parameter gradients over ``mesh.dp_sp_group`` (what DDP and FSDP do:
     wrap the model with ``DistributedDataParallel(model, process_group=mesh.dp_sp_group)``,
-    or use ``seqpar.training.sync_gradients``) gives exactly the gradient of the
+    or use ``seqpar.train.sync_gradients``) gives exactly the gradient of the
     global mean, however tokens and ignored labels fall across ranks.  Parameters
     are replicated over sp as well as dp, so gradients must be reduced over both;
     reducing over ``mesh.dp_group`` only would leave each sp rank with the gradient of

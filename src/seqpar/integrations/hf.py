@@ -72,9 +72,9 @@ import torch
 from torch import nn
 
 from ..attention import STRATEGIES, attention
-from ..errors import ConfigError, check
-from ..layout import get_layout
-from ..mesh import Mesh
+from ..core.errors import ConfigError, check
+from ..core.layout import get_layout
+from ..core.mesh import Mesh
 from ._hf_batch import (INFO_KEY, SPLoss, batch_info, check_mesh, cu_seqlens_from_position_ids, resolve_mesh,
                         shard_batch, shift_labels, sp_causal_lm_loss)
 

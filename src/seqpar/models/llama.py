@@ -23,12 +23,12 @@ import zlib
 import torch
 from torch import nn
 
-from .. import comm
+from ..core import comm
 from ..attention import attention
-from ..configs import ModelConfig, get_config
-from ..errors import ShapeError, check
-from ..layout import position_ids as layout_position_ids
-from ..mesh import Mesh
+from ..core.configs import ModelConfig, get_config
+from ..core.errors import ShapeError, check
+from ..core.layout import position_ids as layout_position_ids
+from ..core.mesh import Mesh
 from ..tp import ColumnParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..tp.mappings import resolve_mesh
 
@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
                 document with ``cu_seqlens`` / ``seq_info``).
         Returns:
             ``[B, S/sp, V/t]`` logits, vocabulary split over tp (feed them to
-            :func:`seqpar.tp.vocab_parallel_cross_entropy` or :func:`seqpar.training.causal_lm_loss`).
+            :func:`seqpar.tp.vocab_parallel_cross_entropy` or :func:`seqpar.train.causal_lm_loss`).
         Communication: per layer, attention's (see the strategy) and, with tp, Megatron's
         all-gather / reduce-scatter (SP) or all-reduce pairs.
 

@@ -11,7 +11,7 @@ GPU:
 * parameter, gradient and optimizer memory with ZeRO 0-3
   (:func:`model_state_memory`);
 * bytes sent per layer, forward and backward, under standard ring
-  collective cost models (:mod:`seqpar.plan.comm`);
+  collective cost models (:mod:`seqpar.plan.comm_cost`);
 * a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand
   bandwidths, with ring transfers overlapped with block compute
   (:mod:`seqpar.plan.timing`);
@@ -37,12 +37,10 @@ Example::
 import sys as _sys
 import types as _types
 
-from seqpar.plan.comm import (CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes,
-                              comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes)
+from seqpar.plan.comm_cost import CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes, comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes
 from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.inference import InferenceOption, InferencePlan, kv_cache_bytes, plan_inference
-from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
-                                group_spans_nodes, resolve_layout)
+from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, ParallelLayout, group_spans_nodes, resolve_parallel_layout
 from seqpar.plan.memory import (GB, MemoryBreakdown, activation_memory, activation_memory_per_layer,
                                 activation_terms_per_layer, hidden_state_bytes, model_state_memory,
                                 non_layer_activation_terms, parameter_count)
@@ -51,7 +49,7 @@ from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, lay
 
 __all__ = [
     "ATTENTION_KERNELS", "IMPLEMENTATIONS", "RECOMPUTE_MODES", "SP_STRATEGIES", "STRATEGIES", "GB",
-    "Layout", "resolve_layout", "group_spans_nodes",
+    "ParallelLayout", "resolve_parallel_layout", "group_spans_nodes",
     "hidden_state_bytes", "activation_terms_per_layer", "activation_memory_per_layer",
     "non_layer_activation_terms", "activation_memory", "parameter_count", "model_state_memory",
     "MemoryBreakdown",

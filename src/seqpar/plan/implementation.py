@@ -8,7 +8,7 @@ prints the measured bytes next to these predictions; ``tests/test_plan_validatio
 holds them within 10%; they agree to the byte on CPU). Per layer, with ``p`` the
 activation dtype size, ``acc = max(p, 4)`` (float32 statistics, float64 for
 float64), ``rep``/``loc`` the token rows of tensor-parallel replicated / sharded
-tensors (:class:`~seqpar.plan.layout.Layout`):
+tensors (:class:`~seqpar.plan.parallel_layout.ParallelLayout`):
 
 =================  ==============================================  =========================================
 term               bytes                                           where it comes from
@@ -47,7 +47,7 @@ Attention, by strategy (``a_t``/``kv_t`` heads per tp rank):
 * ``ring_qk_av``: q, k, the qkv output as the local core, the float32
   probabilities ``acc b a_t (s/sp) s`` and the o-projection input.
 
-Whole model (forward + :func:`seqpar.training.causal_lm_loss`): token ids
+Whole model (forward + :func:`seqpar.train.causal_lm_loss`): token ids
 (int64, plus a bool mask with tp), the final RMSNorm as above, the LM-head
 input, the cross entropy's float32 softmax ``acc b (s/sp) v/t`` and 11 bytes
 per token of targets and masks.
@@ -64,8 +64,8 @@ from __future__ import annotations
 
 import math
 
-from seqpar.configs import ModelConfig
-from seqpar.plan.layout import Layout
+from seqpar.core.configs import ModelConfig
+from seqpar.plan.parallel_layout import ParallelLayout
 
 __all__ = ["IMPLEMENTATIONS", "seqpar_layer_terms", "seqpar_non_layer_terms"]
 
@@ -84,7 +84,7 @@ def _norm(acc: int, rows: int, h: int, count: int) -> dict[str, int]:
             "norm_rstd": count * acc * rows}
 
 
-def seqpar_layer_terms(cfg: ModelConfig, lay: Layout, recompute: str, dtype_bytes: int,
+def seqpar_layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: int,
                        causal: bool = True) -> dict[str, int]:
     """Bytes one decoder layer of :class:`seqpar.models.LlamaForCausalLM` saves for backward, per GPU."""
     p, b, h, d = dtype_bytes, lay.micro_batch, cfg.hidden_size, cfg.d
@@ -118,8 +118,8 @@ def seqpar_layer_terms(cfg: ModelConfig, lay: Layout, recompute: str, dtype_byte
     return terms
 
 
-def seqpar_non_layer_terms(cfg: ModelConfig, lay: Layout, dtype_bytes: int, causal: bool = True) -> dict[str, int]:
-    """Bytes saved outside the layers by the model's forward and :func:`seqpar.training.causal_lm_loss`."""
+def seqpar_non_layer_terms(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int, causal: bool = True) -> dict[str, int]:
+    """Bytes saved outside the layers by the model's forward and :func:`seqpar.train.causal_lm_loss`."""
     p, b, h = dtype_bytes, lay.micro_batch, cfg.hidden_size
     acc = _acc(p)
     rep, loc = b * lay.s_replicated, b * lay.s_local

@@ -24,9 +24,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from seqpar.configs import ModelConfig, ModelLike, get_config
-from seqpar.errors import ConfigError, check
-from seqpar.plan.layout import divisors
+from seqpar.core.configs import ModelConfig, ModelLike, get_config
+from seqpar.core.errors import ConfigError, check
+from seqpar.plan.parallel_layout import divisors
 from seqpar.plan.memory import GB, parameter_count
 from seqpar.plan.timing import Hardware, _ring_time, layer_flops
 

@@ -65,10 +65,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from seqpar.configs import ModelConfig, ModelLike, get_config
-from seqpar.errors import ConfigError, check
+from seqpar.core.configs import ModelConfig, ModelLike, get_config
+from seqpar.core.errors import ConfigError, check
 from seqpar.plan.implementation import IMPLEMENTATIONS, seqpar_layer_terms, seqpar_non_layer_terms
-from seqpar.plan.layout import ATTENTION_KERNELS, RECOMPUTE_MODES, Layout, resolve_layout
+from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, ParallelLayout, resolve_parallel_layout
 
 __all__ = [
     "hidden_state_bytes",
@@ -108,7 +108,7 @@ def _check_modes(recompute: str, attention_kernel: str, dtype_bytes: int, implem
           f"dtype_bytes must be a positive int, got {dtype_bytes!r}")
 
 
-def _terms(cfg: ModelConfig, lay: Layout, recompute: str, dtype_bytes: int, attention_kernel: str,
+def _terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: int, attention_kernel: str,
            dropout: bool, implementation: str = "paper", causal: bool = True) -> dict[str, int]:
     if implementation == "seqpar":
         return seqpar_layer_terms(cfg, lay, recompute, dtype_bytes, causal)
@@ -139,7 +139,7 @@ def _terms(cfg: ModelConfig, lay: Layout, recompute: str, dtype_bytes: int, atte
     return terms
 
 
-def _kv_elems(lay: Layout) -> int:
+def _kv_elems(lay: ParallelLayout) -> int:
     """K (or V) elements per GPU divided by head_dim: ``b * tokens * heads``."""
     return lay.micro_batch * lay.kv_stored_tokens * lay.kv_attn
 
@@ -147,10 +147,10 @@ def _kv_elems(lay: Layout) -> int:
 def _layout_and_flags(model: ModelLike, seq_len: int, micro_batch: int, tp: int, sequence_parallel: bool,
                       recompute: str, dtype_bytes: int, sp: int, strategy: str | None,
                       ulysses: int | None, attention_kernel: str, dropout: bool | None,
-                      implementation: str = "paper") -> tuple[ModelConfig, Layout, bool]:
+                      implementation: str = "paper") -> tuple[ModelConfig, ParallelLayout, bool]:
     cfg = get_config(model)
     _check_modes(recompute, attention_kernel, dtype_bytes, implementation)
-    lay = resolve_layout(cfg, seq_len, micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
+    lay = resolve_parallel_layout(cfg, seq_len, micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
                          sequence_parallel=sequence_parallel)
     drop = cfg.dropout > 0 if dropout is None else bool(dropout)
     return cfg, lay, drop
@@ -229,7 +229,7 @@ def non_layer_activation_terms(
     return _non_layer_terms(c, lay, dtype_bytes, drop, implementation, causal)
 
 
-def _non_layer_terms(c: ModelConfig, lay: Layout, dtype_bytes: int, drop: bool,
+def _non_layer_terms(c: ModelConfig, lay: ParallelLayout, dtype_bytes: int, drop: bool,
                      implementation: str = "paper", causal: bool = True) -> dict[str, int]:
     if implementation == "seqpar":
         return seqpar_non_layer_terms(c, lay, dtype_bytes, causal)

@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from seqpar.configs import ModelConfig, ModelLike, get_config
-from seqpar.errors import ConfigError, check
-from seqpar.plan.comm import CommVolume, dp_comm_bytes, layer_transfers
+from seqpar.core.configs import ModelConfig, ModelLike, get_config
+from seqpar.core.errors import ConfigError, check
+from seqpar.plan.comm_cost import CommVolume, dp_comm_bytes, layer_transfers
 from seqpar.plan.implementation import IMPLEMENTATIONS
-from seqpar.plan.layout import (ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, Layout,
-                                divisors, group_spans_nodes, resolve_layout)
+from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, ParallelLayout, divisors, group_spans_nodes, resolve_parallel_layout
 from seqpar.plan.memory import GB, MemoryBreakdown, _non_layer_terms, _terms, model_state_memory
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time
 
@@ -147,7 +146,7 @@ def _where(spans: bool) -> str:
     return "crosses nodes (IB)" if spans else "stays in NVLink"
 
 
-def _explain(cfg: ModelConfig, lay: Layout, t: TimeEstimate, st: Settings) -> str:
+def _explain(cfg: ModelConfig, lay: ParallelLayout, t: TimeEstimate, st: Settings) -> str:
     node = st.hardware.node_size
     u, r, tp = lay.ulysses, lay.ring, lay.tp
     parts = []
@@ -176,7 +175,7 @@ def _explain(cfg: ModelConfig, lay: Layout, t: TimeEstimate, st: Settings) -> st
     return "; ".join(parts)
 
 
-def _cost(cfg: ModelConfig, lay: Layout, dp: int, st: Settings) -> Candidate:
+def _cost(cfg: ModelConfig, lay: ParallelLayout, dp: int, st: Settings) -> Candidate:
     drop = cfg.dropout > 0 if st.dropout is None else bool(st.dropout)
     per_layer = sum(_terms(cfg, lay, st.recompute, st.dtype_bytes, st.attention_kernel, drop, st.implementation,
                            st.causal).values())
@@ -206,7 +205,7 @@ def _cost(cfg: ModelConfig, lay: Layout, dp: int, st: Settings) -> Candidate:
 def _candidate(cfg: ModelConfig, seq_len: int, strategy: str, tp: int, sp: int, dp: int, ulysses: int | None,
                st: Settings) -> Candidate:
     try:
-        lay = resolve_layout(cfg, seq_len, st.micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
+        lay = resolve_parallel_layout(cfg, seq_len, st.micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
                              sequence_parallel=st.sequence_parallel)
     except ConfigError as e:
         if strategy == "usp":

@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from seqpar.configs import ModelConfig
-from seqpar.errors import ConfigError, check
-from seqpar.plan.comm import Transfer, layer_transfers
-from seqpar.plan.layout import Layout, group_spans_nodes
+from seqpar.core.configs import ModelConfig
+from seqpar.core.errors import ConfigError, check
+from seqpar.plan.comm_cost import Transfer, layer_transfers
+from seqpar.plan.parallel_layout import ParallelLayout, group_spans_nodes
 
 __all__ = ["Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time"]
 
@@ -129,7 +129,7 @@ def _ring_time(steps: int, compute: float, kv_xfer: float, grad_xfer: float = 0.
 
 
 def estimate_layout_time(
-    cfg: ModelConfig, lay: Layout, *, dp: int = 1, hardware: Hardware = Hardware(), dtype_bytes: int = 2,
+    cfg: ModelConfig, lay: ParallelLayout, *, dp: int = 1, hardware: Hardware = Hardware(), dtype_bytes: int = 2,
     recompute: str = "none", attention_kernel: str = "math", causal: bool = True,
     dp_bytes: int = 0,
 ) -> TimeEstimate:

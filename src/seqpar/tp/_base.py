@@ -8,9 +8,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .. import comm
-from ..errors import ShapeError, check
-from ..mesh import Mesh, group_rank, group_size
+from ..core import comm
+from ..core.errors import ShapeError, check
+from ..core.mesh import Mesh, group_rank, group_size
 from .mappings import resolve_mesh
 
 _SKIP_INIT = [False]

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..comm import _all_gather, _all_gather_tensor, _reduce_scatter_tensor
-from ..mesh import group_size
-from ..stats import record_comm
+from ..core.comm import _all_gather, _all_gather_tensor, _reduce_scatter_tensor
+from ..core.mesh import group_size
+from ..core.stats import record_comm
 
 
 def _start_all_gather(x: torch.Tensor, dim: int, group) -> Callable[[], torch.Tensor]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, ShapeError, check
-from ..mesh import group_rank, group_size
-from ..stats import record_comm
+from ..core.errors import ConfigError, ShapeError, check
+from ..core.mesh import group_rank, group_size
+from ..core.stats import record_comm
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
 

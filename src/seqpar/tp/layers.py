@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ShapeError, check
-from ..mesh import Mesh
+from ..core.errors import ConfigError, ShapeError, check
+from ..core.mesh import Mesh
 from . import mappings as mp
 from ._base import TPModule, divisible, load_full, set_full, should_init, skip_init
 from ._sp_linear import GatherLinear

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import comm
-from ..comm import _all_gather, _split
-from ..errors import ShapeError, check
-from ..mesh import Mesh, get_mesh, group_rank, group_size
+from ..core import comm
+from ..core.comm import _all_gather, _split
+from ..core.errors import ShapeError, check
+from ..core.mesh import Mesh, get_mesh, group_rank, group_size
 
 __all__ = [
     "resolve_mesh", "tp_size", "tp_rank",

@@ -26,8 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..mesh import Mesh, group_size
-from ..comm import agreed_grads, all_reduce_coalesced
+from ..core.mesh import Mesh, group_size
+from ..core.comm import agreed_grads, all_reduce_coalesced
 from ._base import deepcopy_keeping_marks
 from .mappings import resolve_mesh
 

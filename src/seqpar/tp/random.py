@@ -41,8 +41,8 @@ from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError, check
-from ..mesh import Mesh
+from ..core.errors import ConfigError, check
+from ..core.mesh import Mesh
 from .mappings import resolve_mesh
 
 __all__ = ["RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "TENSOR_PARALLEL_RNG"]

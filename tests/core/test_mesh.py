@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar.mesh import _resolve_degrees
+from seqpar.core.mesh import _resolve_degrees
 
 
 def test_single_process_needs_no_process_group(monkeypatch):
@@ -72,7 +72,7 @@ def test_bad_degrees_fail_on_every_rank(pool):
 def test_default_backend_pairs_nccl_with_gloo_for_cpu_tensors(monkeypatch):
     """Under torchrun on GPUs the small CPU-tensor collectives (counts, norms, object broadcasts) need gloo
     beside NCCL: a NCCL-only group refuses them."""
-    from seqpar.mesh import default_backend, on_cuda_backend
+    from seqpar.core.mesh import default_backend, on_cuda_backend
 
     assert default_backend() == ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

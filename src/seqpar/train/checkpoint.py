@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .errors import SeqParError, check
+from ..core.errors import SeqParError, check
 
 __all__ = ["save", "load", "load_latest", "CheckpointError"]
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqpar.masks import TokenMeta, _visible, block_tasks
+from seqpar.core.masks import TokenMeta, _visible, block_tasks
 
 
 def _coverage(tasks, lq, lk):

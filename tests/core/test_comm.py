@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import seqpar
-from seqpar import comm
-from seqpar.training import sync_gradients
+from seqpar.core import comm
+from seqpar.train.loss import sync_gradients
 from tests.helpers import mesh
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from seqpar.configs import ModelConfig
-from seqpar.errors import ConfigError, check
+from seqpar.core.configs import ModelConfig
+from seqpar.core.errors import ConfigError, check
 
 __all__ = [
     "STRATEGIES", "SP_STRATEGIES", "RECOMPUTE_MODES", "ATTENTION_KERNELS",
-    "Layout", "resolve_layout", "group_spans_nodes", "divisors",
+    "ParallelLayout", "resolve_parallel_layout", "group_spans_nodes", "divisors",
 ]
 
 STRATEGIES = ("none", "megatron", "ulysses", "ring", "allgather", "usp", "ring_qk_av")
@@ -60,7 +60,7 @@ def _pos_int(v: object, what: str) -> int:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParallelLayout:
     """Per-GPU sizes of one layer under a parallel layout (element counts).
 
     Attributes:
@@ -122,7 +122,7 @@ class Layout:
         return core
 
 
-def resolve_layout(
+def resolve_parallel_layout(
     cfg: ModelConfig,
     seq_len: int,
     micro_batch: int = 1,
@@ -132,7 +132,7 @@ def resolve_layout(
     sp: int = 1,
     ulysses: int | None = None,
     sequence_parallel: bool = False,
-) -> Layout:
+) -> ParallelLayout:
     """Check a layout against the model shape and compute per-GPU sizes.
 
     Raises:
@@ -196,7 +196,7 @@ def resolve_layout(
         q_rows, kv_tok, blk = s_local, s, 0
     else:  # usp
         q_rows, kv_tok, blk = s // r, s // r, s // r
-    return Layout(
+    return ParallelLayout(
         strategy=strategy, tp=t, sp=n, ulysses=u, ring=r, sequence_parallel=spar,
         seq_len=s, micro_batch=b, s_local=s_local, s_replicated=s_local // t if spar else s_local,
         heads_tp=a_t, kv_tp=kv_t, ffn_tp=f_t, heads_attn=heads_attn, kv_attn=kv_attn,

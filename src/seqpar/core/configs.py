@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Union
 
-from seqpar.errors import ConfigError, check
+from seqpar.core.errors import ConfigError, check
 
 __all__ = ["ModelConfig", "MODELS", "get_config", "ModelLike"]
 

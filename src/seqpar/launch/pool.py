@@ -196,7 +196,7 @@ class WorkerPool:
         # Whatever every rank would import anyway is imported once, in the server.
         # Under pytest that includes pytest: ranks re-import the main module.
         test_mods = [m for m in ("pytest", "hypothesis") if m in sys.modules]
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "seqpar.workers", *test_mods])
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "seqpar.launch.pool", *test_mods])
         self._store: Any = dist.TCPStore(_HOST, 0, None, True, timedelta(seconds=timeout),
                                          wait_for_workers=False)
         try:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, check
-from .training import IGNORE
+from ..core.errors import ConfigError, check
+from .loss import IGNORE
 
 __all__ = ["RecallTask", "TokenFile", "make_data"]
 

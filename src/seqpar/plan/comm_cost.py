@@ -48,9 +48,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from seqpar.configs import ModelConfig, ModelLike, get_config
-from seqpar.errors import ConfigError, check
-from seqpar.plan.layout import RECOMPUTE_MODES, Layout, resolve_layout
+from seqpar.core.configs import ModelConfig, ModelLike, get_config
+from seqpar.core.errors import ConfigError, check
+from seqpar.plan.parallel_layout import RECOMPUTE_MODES, ParallelLayout, resolve_parallel_layout
 from seqpar.plan.memory import parameter_count
 
 __all__ = [
@@ -134,7 +134,7 @@ class CommVolume:
                 "by_group": self.by_group(), "transfers": [t.to_dict() for t in self.transfers]}
 
 
-def layer_transfers(cfg: ModelConfig, lay: Layout, dtype_bytes: int = 2,
+def layer_transfers(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int = 2,
                     recompute: str = "none") -> list[Transfer]:
     """Every transfer of one layer on one GPU (see module docstring)."""
     check(recompute in RECOMPUTE_MODES, ConfigError,
@@ -205,7 +205,7 @@ def comm_volume_per_layer(
     docstring for the per-strategy formulas.
     """
     c = get_config(cfg)
-    lay = resolve_layout(c, seq_len, micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
+    lay = resolve_parallel_layout(c, seq_len, micro_batch, strategy=strategy, tp=tp, sp=sp, ulysses=ulysses,
                          sequence_parallel=sequence_parallel)
     trs = layer_transfers(c, lay, dtype_bytes, recompute)
     return CommVolume(

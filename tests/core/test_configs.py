@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from seqpar.configs import MODELS, ModelConfig, get_config
-from seqpar.errors import ConfigError
+from seqpar.core.configs import MODELS, ModelConfig, get_config
+from seqpar.core.errors import ConfigError
 
 LLAMA3_8B_HF = {  # meta-llama/Meta-Llama-3-8B config.json (abridged)
     "architectures": ["LlamaForCausalLM"],

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import seqpar
-from seqpar.layout import get_layout
+from seqpar.core.layout import get_layout
 from tests.helpers import mesh
 
 LAYOUTS = ["contiguous", "zigzag", "stripe"]

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import agreed_grads, all_reduce_coalesced
-from .errors import ShapeError, check
-from .mesh import Mesh, group_size
-from .stats import record_comm
-from .tp import sync_sequence_parallel_grads, vocab_parallel_cross_entropy
-from .tp.mappings import resolve_mesh
+from ..core.comm import agreed_grads, all_reduce_coalesced
+from ..core.errors import ShapeError, check
+from ..core.mesh import Mesh, group_size
+from ..core.stats import record_comm
+from ..tp import sync_sequence_parallel_grads, vocab_parallel_cross_entropy
+from ..tp.mappings import resolve_mesh
 
 __all__ = ["shift_labels", "causal_lm_loss", "LossOutput", "sync_gradients"]
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import seqpar
-from seqpar.checkpoint import CheckpointError, load, load_latest, save
+from seqpar.train.checkpoint import CheckpointError, load, load_latest, save
 from seqpar.cli import main
-from seqpar.mesh import Mesh
+from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
-from seqpar.trainer import TrainConfig, train
+from seqpar.train.trainer import TrainConfig, train
 
 BASE = {"model": "tiny", "seq_len": 64, "micro_batch": 2, "steps": 4, "lr": 1e-2, "log_every": 1,
         "data": {"kind": "recall", "pairs": 4}, "eval_batches": 1}
@@ -89,7 +89,7 @@ def crash_during_save(directory: str):
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(pool, tmp_path):
-    with pytest.raises(seqpar.workers.WorkerError, match="exit"):
+    with pytest.raises(seqpar.launch.WorkerError, match="exit"):
         pool(1).run(crash_during_save, str(tmp_path))
     model = LlamaForCausalLM("tiny", mesh=Mesh())
     opt = torch.optim.AdamW(model.parameters())

@@ -7,7 +7,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the fused merge needs Triton (it ships with CUDA builds of torch)")
 
-from seqpar import fused_merge, kernels  # noqa: E402
+from seqpar.core import fused_merge, kernels  # noqa: E402
 
 # the interpreter evaluates both sides of tl.where with numpy: -inf - -inf in the branch not taken
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -71,7 +71,7 @@ def test_ring_attention_with_the_fused_merge(interpreted):
     """The whole ring block loop (world 1 emulation of 4 ranks' blocks) with the fused merge equals SDPA."""
     from tests.helpers import qkv, sdpa_reference
     from seqpar.attention.ring import _empty_acc, _forward_block
-    from seqpar.layout import get_layout
+    from seqpar.core.layout import get_layout
 
     q, k, v, do = qkv((1, 32, 4, 2, 16), 0, dtype=torch.float32)
     lay, n = get_layout("zigzag"), 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import seqpar
-from seqpar.workers import RemoteException
+from seqpar.launch.pool import RemoteException
 from tests.attention.cases import run_attention, run_sharded
 from tests.helpers import mesh
 
@@ -101,7 +101,7 @@ def _rank_main(rank: int, world: int, port: int, results) -> None:
 
     import torch.distributed as dist
 
-    from seqpar.trainer import TrainConfig, train
+    from seqpar.train.trainer import TrainConfig, train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))

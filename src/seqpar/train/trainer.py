@@ -1,8 +1,8 @@
 """The training loop behind ``seqpar demo`` and ``seqpar train``: one code path for both.
 
-Every rank builds the same global batch for a step (:mod:`seqpar.data`), keeps its
+Every rank builds the same global batch for a step (:mod:`seqpar.train.data`), keeps its
 data-parallel rows and its sequence shard, runs the reference model, and
-reduces gradients over dp x sp (:func:`seqpar.training.sync_gradients`).  The
+reduces gradients over dp x sp (:func:`seqpar.train.sync_gradients`).  The
 reported loss is the exact global token mean, so a run at any parallel layout
 can be compared with one process.
 """
@@ -19,15 +19,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import layout as layout_mod
-from .configs import get_config
+from ..core import layout as layout_mod
+from ..core.configs import get_config
 from .data import make_data
-from .errors import CommError, ConfigError, SeqParError, ShapeError, check
-from .mesh import Mesh, init
-from .models import LlamaForCausalLM
-from .tp._base import skip_init
-from .tp.cross_entropy import vocab_parallel_argmax
-from .training import IGNORE, causal_lm_loss, sync_gradients
+from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
+from ..core.mesh import Mesh, init
+from ..models import LlamaForCausalLM
+from ..tp._base import skip_init
+from ..tp.cross_entropy import vocab_parallel_argmax
+from .loss import IGNORE, causal_lm_loss, sync_gradients
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqpar import ShapeError
-from seqpar.kernels import attention_with_lse, mask_pieces, merge, merge_into, reference_attention
+from seqpar.core.kernels import attention_with_lse, mask_pieces, merge, merge_into, reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 

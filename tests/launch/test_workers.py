@@ -1,5 +1,5 @@
 """The worker pool every distributed test runs on: ordering, collectives,
-exact transport, and the failure/teardown rules (see seqpar.workers)."""
+exact transport, and the failure/teardown rules (see seqpar.launch.pool)."""
 from __future__ import annotations
 
 import ctypes
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from seqpar.workers import RemoteException, WorkerError, WorkerPool
+from seqpar.launch.pool import RemoteException, WorkerError, WorkerPool
 
 # --- tasks: module-level so the ranks can import them by reference -----------
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqpar.configs import ModelConfig, get_config
-from seqpar.errors import ConfigError
+from seqpar.core.configs import ModelConfig, get_config
+from seqpar.core.errors import ConfigError
 from seqpar.plan import (
     activation_memory,
     activation_memory_per_layer,

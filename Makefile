@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seqpar-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/seqpar demo $(ARGS)
 
-test: $(STAMP)
+# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml, on src/
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src
+	@echo "mypy: run $(VENV)/bin/mypy (src/ not yet clean)"
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

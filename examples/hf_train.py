@@ -8,7 +8,7 @@ Every rank holds the whole model. Each data-parallel group of ``sp`` ranks reads
 one batch of packed documents (the same on its sp ranks), ``shard_batch`` gives
 each rank its share of every document, attention runs over the whole sequence
 through seqpar (``--strategy``), and DDP over ``mesh.dp_sp_group`` averages the
-gradients of the scaled loss from ``sp_causal_lm_loss``: the update is exactly
+gradients of the scaled loss from ``causal_lm_loss``: the update is exactly
 that of one process on the global batch.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def train(sp: int = 2, ulysses: int = 1, strategy: str = "ring", layout: str = "
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     model = tiny_llama(seed).to(device)
     hf.apply(model, mesh, strategy=strategy, layout=layout)
-    # Parameters are replicated over dp *and* sp: DDP averages their gradients over both (see sp_causal_lm_loss).
+    # Parameters are replicated over dp *and* sp: DDP averages their gradients over both (see causal_lm_loss).
     ddp = DistributedDataParallel(model, process_group=mesh.dp_sp_group) if mesh.dp * mesh.sp > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
@@ -91,7 +91,7 @@ def train(sp: int = 2, ulysses: int = 1, strategy: str = "ring", layout: str = "
         labels = local.pop("labels")  # shifted before sharding; without labels HF computes no (local) loss
         del local["shift_labels"]
         out = ddp(**local)  # input_ids, position_ids (RoPE), seqpar_info (packing) -> logits [B, S/sp, V]
-        loss = hf.sp_causal_lm_loss(out.logits, labels, mesh)
+        loss = hf.causal_lm_loss(out.logits, labels, mesh)
         opt.zero_grad(set_to_none=True)
         loss.loss.backward()  # DDP all-reduces (averages) the gradients over mesh.dp_sp_group
         opt.step()

@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "Mesh", "get_mesh", "set_mesh", "attention", "STRATEGIES", "shard", "unshard", "position_ids",
     "SeqParError", "ConfigError", "ShapeError", "CommError", "NumericsError", "set_debug", "set_check_finite",
-    "comm", "inference", "kernels", "plan", "stats",
+    "comm", "inference", "kernels", "plan", "stats", "configs", "debug", "errors", "layout", "masks", "mesh",
+    "packing",
 ]
 
 

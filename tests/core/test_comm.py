@@ -6,7 +6,7 @@ import torch
 
 import seqpar
 from seqpar.core import comm
-from seqpar.train.loss import sync_gradients
+from seqpar.train import sync_gradients
 from tests.helpers import mesh
 
 
@@ -87,7 +87,7 @@ def test_collectives_forward_and_backward(pool, world, op, dim):
 def w_ring(mode: str, rounds: int):
     m = mesh()
     n, r = m.sp, m.rank("sp")
-    ring = comm.RingExchange(m.sp_group, mode=mode)
+    ring = comm.RingExchange(m.sp_group, ring_transport=mode)
     x = torch.full((3, 5), float(r))
     seen = [int(block[0, 0]) for _, block in ring.rotate(x)]
     carry = ring.carry()
@@ -131,8 +131,8 @@ def test_uneven_split_is_a_clear_error_on_every_rank(pool, op):
 
 
 def test_bad_ring_mode():
-    with pytest.raises(seqpar.ShapeError, match="unknown ring exchange mode"):
-        comm.RingExchange(None, mode="carrier-pigeon")
+    with pytest.raises(seqpar.ConfigError, match="unknown ring_transport"):
+        comm.RingExchange(None, ring_transport="carrier-pigeon")
 
 
 def grads_used_on_some_ranks():

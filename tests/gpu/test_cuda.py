@@ -29,7 +29,7 @@ from seqpar.core import kernels
 from seqpar.core.kernels import attention_with_lse, pick_backend, reference_attention
 from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
-from seqpar.train.loss import causal_lm_loss, shift_labels, sync_gradients
+from seqpar.train import causal_lm_loss, shift_labels, sync_gradients
 from tests.helpers import DTYPES, max_err, mesh, qkv, sdpa_reference
 
 DEVICE = os.environ.get("SEQPAR_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +294,7 @@ def _one_step(model, m: Mesh, ids, labels) -> float:
     if m.world_size > 1:
         sync_gradients(model, m)
     opt.step()
-    return out.value
+    return float(out.value)
 
 
 def train_worker(device: str, degrees: dict, strategy: str):

@@ -54,7 +54,7 @@ def packed_positions(doc_lens) -> torch.Tensor:
 
 def run_hf(arch: str, extra: dict, state: dict, ids: torch.Tensor, pos, strategy: str, layout: str, degrees: dict,
            checkpointing: bool = False):
-    """Worker: apply -> shard_batch -> forward -> sp_causal_lm_loss -> backward -> average grads over dp x sp."""
+    """Worker: apply -> shard_batch -> forward -> causal_lm_loss -> backward -> average grads over dp x sp."""
     m = mesh(**degrees)
     model = build(arch, **extra)
     model.load_state_dict(state)
@@ -73,7 +73,7 @@ def run_hf(arch: str, extra: dict, state: dict, ids: torch.Tensor, pos, strategy
     # HF's own loss uses shift_labels as given (no second shift): this rank's local token mean
     local_mean = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert torch.allclose(out.loss, local_mean, rtol=1e-6, atol=1e-7) or not (labels != -100).any()
-    loss = hf.sp_causal_lm_loss(out.logits, labels, m)
+    loss = hf.causal_lm_loss(out.logits, labels, m)
     loss.loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     flat = torch.cat([p.grad.reshape(-1) for p in params])

@@ -7,7 +7,7 @@ import torch
 import seqpar
 from seqpar.core.mesh import Mesh
 from seqpar.models import LlamaForCausalLM
-from seqpar.train.loss import causal_lm_loss, shift_labels, sync_gradients
+from seqpar.train import causal_lm_loss, shift_labels, sync_gradients
 from tests.helpers import mesh
 
 SEQ, BATCH, STEPS, LR = 32, 2, 3, 1e-2
@@ -33,7 +33,7 @@ def _steps(model, m, ids, labels) -> list[float]:
         sync_gradients(model, m)
         opt.step()
         opt.zero_grad()
-        losses.append(out.value)
+        losses.append(float(out.value))
     return losses
 
 
@@ -60,7 +60,7 @@ def _reference():
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(out.value)
+        losses.append(float(out.value))
     return losses, model.full_state_dict()
 
 
@@ -128,7 +128,7 @@ def train_fsdp(degrees: dict, strategy: str):
         sync_sequence_parallel_grads(model, m)
         opt.step()
         opt.zero_grad()
-        losses.append(out.value)
+        losses.append(float(out.value))
     return {"losses": losses}
 
 

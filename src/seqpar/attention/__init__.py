@@ -17,6 +17,7 @@ from ..core.kernels import _check_qkv, attention_with_lse, pick_backend
 from ..core.layout import Nested, _info, resolve_layout
 from ..core.masks import TokenMeta
 from ..core.mesh import Mesh, get_mesh, group_size, resolve_group
+from ..core.strategies import SP_STRATEGIES
 from .plans import LayoutPlan, MetaPlan
 from .ring import allgather_attention, ring_attention
 from .ring_qk_av import ring_qk_av_attention
@@ -24,7 +25,7 @@ from .ulysses import HeadExchange
 
 __all__ = ["attention", "STRATEGIES"]
 
-STRATEGIES = ("ring", "ulysses", "allgather", "usp", "ring_qk_av")
+STRATEGIES = SP_STRATEGIES
 
 
 def _check_window(window) -> tuple[int, int] | None:
@@ -138,12 +139,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         plan = MetaPlan(metas, causal, window) if metas is not None else LayoutPlan(lay, n, local, causal)
         if strategy == "ring":
             out, lse = ring_attention(q, k, v, plan=plan, scale=scale, group=group, backend=backend,
-                                      mode=ring_transport)
+                                      ring_transport=ring_transport)
         else:
             out, lse = allgather_attention(q, k, v, plan=plan, scale=scale, group=group, backend=backend)
     elif strategy == "ring_qk_av":
         out, lse = ring_qk_av_attention(q, k, v, metas=metas, causal=causal, window=window, scale=scale,
-                                        group=group, mode=ring_transport)
+                                        group=group, ring_transport=ring_transport)
     elif strategy == "ulysses":
         ex = HeadExchange(group, q.shape[2], k.shape[2])
         ql, kl, vl = ex.scatter_heads(q, k, v)
@@ -162,7 +163,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         else:
             plan = LayoutPlan(lay.outer, r, local * u, causal)
         out, lse = ring_attention(ql, kl, vl, plan=plan, scale=scale, group=mesh.ring_group, backend=backend,
-                                  mode=ring_transport)
+                                  ring_transport=ring_transport)
         out = ex.gather_heads(out)
         lse = ex.gather_lse(lse) if return_lse else None
     if check_finite_enabled():

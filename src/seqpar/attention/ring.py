@@ -21,61 +21,57 @@ from __future__ import annotations
 import torch
 
 from ..core.comm import RingExchange, _all_gather, _reduce_scatter
-from ..core.kernels import attention_backward, attention_forward, merge_into
+from ..core.kernels import accumulation_dtype, merge_into, pair_backward, pair_forward
 from ..core.mesh import group_rank, group_size
 
 __all__ = ["ring_attention", "allgather_attention"]
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _forward_block(q, kv, tasks, acc_out, acc_lse, scale, backend) -> None:
     for t in tasks:
-        o, l = attention_forward(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], causal=t.causal,
+        o, l = pair_forward(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], causal=t.causal,
                                  causal_offset=t.offset, scale=scale, backend=backend, bias=t.bias)
         merge_into(acc_out[:, t.q], acc_lse[:, :, t.q], o, l)
 
 
 def _backward_block(dout, q, kv, out, lse, tasks, dq, dkv, scale, backend) -> None:
     for t in tasks:
-        attention_backward(dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q],
+        pair_backward(dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q],
                            causal=t.causal, causal_offset=t.offset, scale=scale, backend=backend,
                            grads=(dq[:, t.q], dkv[0][:, t.k], dkv[1][:, t.k]), bias=t.bias)
 
 
 def _empty_acc(q: torch.Tensor):
     b, l, h, _ = q.shape
-    out = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
-    lse = torch.full((b, h, l), float("-inf"), dtype=_acc(q), device=q.device)
+    out = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, h, l), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     return out, lse
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, group, backend, mode):
+    def forward(ctx, q, k, v, plan, scale, group, backend, ring_transport):
         r = group_rank(group)
         acc_out, acc_lse = _empty_acc(q)
-        for src, kv in RingExchange(group, mode, resolved=True).rotate(torch.stack([k, v])):
+        for src, kv in RingExchange(group, ring_transport, resolved=True).rotate(torch.stack([k, v])):
             _forward_block(q, kv, plan.tasks(r, src), acc_out, acc_lse, scale, backend)
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
-        ctx.args = (plan, scale, group, backend, mode)
+        ctx.args = (plan, scale, group, backend, ring_transport)
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, scale, group, backend, mode = ctx.args
+        plan, scale, group, backend, ring_transport = ctx.args
         r = group_rank(group)
-        ring = RingExchange(group, mode, resolved=True)
+        ring = RingExchange(group, ring_transport, resolved=True)
         dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
+        dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         carry = ring.carry()  # dK/dV of each block travel with it and arrive home after N hops
         for src, kv in ring.rotate(torch.stack([k, v])):
-            dkv = torch.zeros(kv.shape, dtype=_acc(q), device=q.device)
+            dkv = torch.zeros(kv.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
             _backward_block(dout, q, kv, out, lse, plan.tasks(r, src), dq, dkv,
                             scale, backend)
             carry.add(dkv)
@@ -105,8 +101,8 @@ class _AllGatherAttention(torch.autograd.Function):
         n, r, local = group_size(group), group_rank(group), q.shape[1]
         dout = dout.contiguous()
         kv_all = _all_gather(torch.stack([k, v]), 2, group)
-        dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
-        dkv_all = torch.zeros(kv_all.shape, dtype=_acc(q), device=q.device)
+        dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+        dkv_all = torch.zeros(kv_all.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         for src in range(n):
             blk = slice(src * local, (src + 1) * local)
             _backward_block(dout, q, kv_all[:, :, blk], out, lse, plan.tasks(r, src),
@@ -115,13 +111,13 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q, k, v, *, plan, scale: float, group, backend: str = "auto", mode: str = "auto"):
+def ring_attention(q, k, v, *, plan, scale: float, group, backend: str = "auto", ring_transport: str = "auto"):
     """Ring attention on validated shards: q ``[B, S/N, H, D]``, k/v ``[B, S/N, Hkv, D]`` -> (out, lse).
 
     Communication per rank: forward N-1 ring transfers of K/V (2*B*S/N*Hkv*D
     elements each); backward N-1 of K/V plus N of the float32 dK/dV accumulator.
     """
-    return _RingAttention.apply(q, k, v, plan, scale, group, backend, mode)
+    return _RingAttention.apply(q, k, v, plan, scale, group, backend, ring_transport)
 
 
 def allgather_attention(q, k, v, *, plan, scale: float, group, backend: str = "auto"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..core.comm import RingExchange
-from ..core.kernels import _expand_kv, _fold_kv_grad
+from ..core.kernels import _expand_kv, _fold_kv_grad, accumulation_dtype
 from ..core.masks import TokenMeta, _visible
 from ..core.mesh import group_rank, group_size
 
@@ -32,12 +32,12 @@ def _hidden(metas: list[TokenMeta], r: int, src: int, causal: bool, window, devi
 
 class _RingQKAV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, metas, causal, window, scale, group, mode):
+    def forward(ctx, q, k, v, metas, causal, window, scale, group, ring_transport):
         n, r = group_size(group), group_rank(group)
         b, local, h, _ = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         qa = q.to(acc)
-        ring = RingExchange(group, mode, resolved=True)
+        ring = RingExchange(group, ring_transport, resolved=True)
         scores = q.new_empty((b, h, local, n * local), dtype=acc)
         for src, kb in ring.rotate(k):  # RingQK
             s = torch.einsum("bihd,bjhd->bhij", qa, _expand_kv(kb, h).to(acc)) * scale
@@ -52,18 +52,18 @@ class _RingQKAV(torch.autograd.Function):
         for src, vb in ring.rotate(v):  # RingAV
             out += torch.einsum("bhij,bjhd->bihd", probs[..., src * local:(src + 1) * local], _expand_kv(vb, h).to(acc))
         ctx.save_for_backward(q, k, v, probs)
-        ctx.args = (scale, group, mode)
+        ctx.args = (scale, group, ring_transport)
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, probs = ctx.saved_tensors
-        scale, group, mode = ctx.args
+        scale, group, ring_transport = ctx.args
         local, h, hkv = q.shape[1], q.shape[2], k.shape[2]
         acc = probs.dtype
         do = dout.to(acc)
-        ring = RingExchange(group, mode, resolved=True)
+        ring = RingExchange(group, ring_transport, resolved=True)
         dp = torch.empty_like(probs)
         carry = ring.carry()
         for src, vb in ring.rotate(v):  # dP = dO V^T per block; dV = P^T dO travels home
@@ -81,10 +81,10 @@ class _RingQKAV(torch.autograd.Function):
             dq += torch.einsum("bhij,bjhd->bihd", blk, _expand_kv(kb, h).to(acc))
             carry.add(_fold_kv_grad(torch.einsum("bhij,bihd->bjhd", blk, qa), hkv).contiguous())
         dk = carry.total()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def ring_qk_av_attention(q, k, v, *, metas, causal: bool, window, scale: float, group, mode: str = "auto"):
+def ring_qk_av_attention(q, k, v, *, metas, causal: bool, window, scale: float, group, ring_transport: str = "auto"):
     """RingQK + RingAV on validated shards -> (out ``[B, S/N, H, D]``, lse ``[B, H, S/N]``).
 
     Communication per rank: forward 2(N-1) ring transfers (K, then V); backward
@@ -92,4 +92,4 @@ def ring_qk_av_attention(q, k, v, *, metas, causal: bool, window, scale: float, 
     Memory: the ``[B, H, S/N, S]`` probabilities are kept for backward.
     ``metas[r]``: the tokens rank r holds (None: no mask at all).
     """
-    return _RingQKAV.apply(q, k, v, metas, causal, window, scale, group, mode)
+    return _RingQKAV.apply(q, k, v, metas, causal, window, scale, group, ring_transport)

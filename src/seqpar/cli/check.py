@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError, SeqParError
+from ..core.strategies import SP_STRATEGIES as STRATEGIES
 
 __all__ = ["add_parser", "plan_cases", "run_case", "reference", "tolerance", "validate"]
 
-STRATEGIES = ("ring", "ulysses", "allgather", "usp", "ring_qk_av")
 KEYS = ("out", "lse", "dq", "dk", "dv")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: smallest tolerance, relative to max(1, |reference|): what the dtype can represent after a few roundings

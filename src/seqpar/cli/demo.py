@@ -13,6 +13,7 @@ import sys
 import time
 
 from ..core.errors import SeqParError
+from ..core.strategies import SP_STRATEGIES
 
 __all__ = ["add_parser", "demo_worker"]
 
@@ -43,7 +44,8 @@ def _config(ns: argparse.Namespace, single: bool) -> dict:
                       "num_hidden_layers": 2, "intermediate_size": 2 * ns.hidden, "vocab_size": ns.vocab},
             "strategy": "ring" if single else ns.strategy, "tp": 1 if single else ns.tp,
             "ulysses": 1 if single else ns.ulysses, "seq_len": ns.seq_len, "micro_batch": ns.micro_batch,
-            "steps": ns.steps, "lr": ns.lr, "data": {"kind": "recall", "pairs": ns.pairs}, "device": ns.device, "dtype": ns.dtype,
+            "steps": ns.steps, "lr": ns.lr, "data": {"kind": "recall", "pairs": ns.pairs},
+            "device": ns.device, "dtype": ns.dtype,
             "log_every": max(1, ns.steps // 50), "seed": ns.seed}
 
 
@@ -67,8 +69,8 @@ def _validate(ns: argparse.Namespace) -> None:
 
 
 def demo(ns: argparse.Namespace) -> int:
-    from ..train.trainer import TrainConfig, train
     from ..launch.pool import WorkerPool
+    from ..train.trainer import TrainConfig, train
 
     try:
         _validate(ns)
@@ -120,7 +122,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train the reference model sequence-parallel on local ranks, checked "
                                     "against one process")
     p.add_argument("--nproc", type=int, default=4, help="local ranks (default 4)")
-    p.add_argument("--strategy", default="ring", choices=("ring", "ulysses", "allgather", "usp", "ring_qk_av"))
+    p.add_argument("--strategy", default="ring", choices=SP_STRATEGIES)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (Megatron TP + SP)")
     p.add_argument("--ulysses", type=int, default=1, help="ulysses degree inside sp (strategy usp)")
     p.add_argument("--seq-len", type=int, default=256)

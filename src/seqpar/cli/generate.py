@@ -65,9 +65,10 @@ def generate_worker(ns: dict) -> dict:
     import torch
 
     import seqpar
+
+    from ..core.mesh import on_cuda_backend
     from ..inference import Sampler, decode, prefill
     from ..integrations import hf
-    from ..core.mesh import on_cuda_backend
 
     mesh = seqpar.init(ulysses=ns["ulysses"])
     on_gpu = on_cuda_backend()

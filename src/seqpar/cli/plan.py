@@ -23,6 +23,7 @@ from typing import Any
 
 from ..core.configs import MODELS, ModelConfig, get_config
 from ..core.errors import ConfigError, SeqParError
+from ..plan.parallel_layout import STRATEGIES as PLAN_STRATEGIES
 
 __all__ = ["add_parser", "build_config", "parse_tokens", "validate"]
 
@@ -34,7 +35,6 @@ _SIZE_FLAGS = {  # flag -> (ModelConfig field, Hugging Face key)
 }
 _REQUIRED = ("hidden", "heads", "layers", "ffn", "vocab")
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_STRATEGIES = ("none", "megatron", "ulysses", "ring", "allgather", "usp", "ring_qk_av")
 
 
 def parse_tokens(text: str) -> int:
@@ -349,7 +349,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ulysses", type=int, help="fix the Ulysses degree of usp (default: search)")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="Megatron sequence parallelism inside the tp group (default on)")
-    p.add_argument("--strategies", nargs="+", choices=_STRATEGIES, help="only these schemes (default all)")
+    p.add_argument("--strategies", nargs="+", choices=PLAN_STRATEGIES, help="only these schemes (default all)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective")
     p.add_argument("--attention-kernel", choices=("math", "flash"), default="math")
     p.add_argument("--accounting", choices=("paper", "seqpar"), default="paper",

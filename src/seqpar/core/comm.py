@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .errors import ShapeError, check
+from .errors import ConfigError, ShapeError, check
 from .mesh import group_rank, group_size, resolve_group
 from .stats import record_comm
 
 __all__ = [
     "all_gather", "reduce_scatter", "split", "all_to_all", "all_reduce", "copy_to_group",
-    "RingExchange", "RingCarry",
+    "RingExchange", "RingCarry", "reduce_in_place", "agreed_grads", "all_reduce_coalesced",
 ]
 
 
@@ -95,6 +95,21 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def reduce_in_place(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """All-reduce ``x`` in place over a resolved ``group`` (None: one process, nothing to do); returns ``x``.
+
+    No autograd: for statistics (token counts, loss sums, norms, flags) that every rank needs.
+    ``op``: ``"sum"``, ``"max"`` or ``"min"``.  Communication: one all-reduce of ``x``.
+    """
+    if group_size(group) > 1:
+        record_comm("all_reduce", _nbytes(x))
+        dist.all_reduce(x, op=_OPS[op], group=group)
+    return x
+
+
 def agreed_grads(params, group) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one on *some* rank of ``group``, in the same order everywhere.
 
@@ -106,8 +121,7 @@ def agreed_grads(params, group) -> list[torch.Tensor]:
     params = [p for p in params if p.requires_grad]
     if group_size(group) > 1 and params:
         have = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-        record_comm("all_reduce", _nbytes(have))
-        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=group)
+        reduce_in_place(have, group, "max")
         for p, anywhere in zip(params, have.tolist()):
             if anywhere and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -126,9 +140,7 @@ def all_reduce_coalesced(tensors, group, divide_by: float = 1.0) -> None:
     for t in tensors:
         buckets.setdefault((t.dtype, t.device), []).append(t)
     for bucket in buckets.values():
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        record_comm("all_reduce", _nbytes(flat))
-        dist.all_reduce(flat, group=group)
+        flat = reduce_in_place(torch.cat([t.reshape(-1) for t in bucket]), group)
         if divide_by != 1:
             flat.div_(divide_by)
         offset = 0
@@ -305,7 +317,7 @@ class RingExchange:
     tensor that arrived (same shape and dtype as ``x``), so the caller can compute
     on its current block while the next one travels.
 
-    Transport (``mode``):
+    Transport (``ring_transport``):
 
     * ``"p2p"``: ``batch_isend_irecv`` (NCCL; gloo with CPU tensors).  Asynchronous.
     * ``"alltoall"``: one ``all_to_all_single`` with every split empty except the
@@ -317,21 +329,21 @@ class RingExchange:
       all-to-all transport matched or beat it in 48 of 48 cases: BENCHMARKS.md), ``p2p`` on NCCL.
     """
 
-    def __init__(self, group=None, mode: str = "auto", *, resolved: bool = False):
-        check(mode in ("auto", "p2p", "alltoall"), ShapeError,
-              f"unknown ring exchange mode {mode!r}: use 'auto', 'p2p' or 'alltoall'")
+    def __init__(self, group=None, ring_transport: str = "auto", *, resolved: bool = False):
+        check(ring_transport in ("auto", "p2p", "alltoall"), ConfigError,
+              f"unknown ring_transport {ring_transport!r}: use 'auto', 'p2p' or 'alltoall'")
         # resolved=True: ``group`` was already resolved by the caller and None means one process
         self.group = group if resolved else resolve_group(group)
         self.size = group_size(self.group)
         self.rank = group_rank(self.group)
-        self.mode = mode
+        self.ring_transport = ring_transport
         if self.size > 1:
             self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
             self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
     def _mode_for(self, x: torch.Tensor) -> str:
-        if self.mode != "auto":
-            return self.mode
+        if self.ring_transport != "auto":
+            return self.ring_transport
         return "alltoall" if dist.get_backend(self.group) == "gloo" else "p2p"
 
     def start(self, x: torch.Tensor) -> _Pending:
@@ -342,7 +354,8 @@ class RingExchange:
         record_comm("ring_exchange", _nbytes(x))
         if self._mode_for(x) == "p2p":
             recv = torch.empty_like(x)
-            ops = [dist.P2POp(dist.isend, x, self.next, self.group), dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+            ops = [dist.P2POp(dist.isend, x, self.next, self.group),
+                   dist.P2POp(dist.irecv, recv, self.prev, self.group)]
             works = dist.batch_isend_irecv(ops)
             # keep x alive until the send completes: it is referenced by the op list
             return _Pending(works + [_KeepAlive(x)], recv)
@@ -366,7 +379,7 @@ class RingExchange:
             if pending is not None:
                 x = pending.wait()
 
-    def carry(self) -> "RingCarry":
+    def carry(self) -> RingCarry:
         """A per-block accumulator travelling with the blocks of :meth:`rotate` (see :class:`RingCarry`)."""
         return RingCarry(self)
 

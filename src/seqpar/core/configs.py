@@ -21,8 +21,9 @@ Registry shapes are the published ones:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Union
+from typing import Any
 
 from seqpar.core.errors import ConfigError, check
 
@@ -150,7 +151,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], name: str | None = None) -> "ModelConfig":
+    def from_mapping(cls, d: Mapping[str, Any], name: str | None = None) -> ModelConfig:
         """Build from a Hugging Face ``config.json``-style mapping.
 
         Required (any one spelling each): ``hidden_size``;
@@ -234,7 +235,8 @@ class ModelConfig:
             kw.setdefault("max_position_embeddings", 1024)
         elif "rope_theta" in kw:
             kw["rope_theta"] = float(kw["rope_theta"])
-        drops = [float(d[k]) for k in _DROPOUT_KEYS if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
+        drops = [float(d[k]) for k in _DROPOUT_KEYS
+                 if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
         if drops:
             kw["dropout"] = max(drops)
         bias = pick(_BIAS_KEYS)
@@ -278,7 +280,7 @@ MODELS: dict[str, ModelConfig] = {
                        max_position_embeddings=32768),
 }
 
-ModelLike = Union[str, Mapping[str, Any], ModelConfig]
+ModelLike = str | Mapping[str, Any] | ModelConfig
 
 
 def get_config(name_or_mapping: ModelLike) -> ModelConfig:

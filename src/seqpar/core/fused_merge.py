@@ -110,6 +110,7 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
                 *acc_lse.stride(), *lse.stride(), ROWS=rows, BLOCK_D=block_d)
     except Exception as e:  # a compile failure writes nothing: the PyTorch path takes over for good
         _STATE["failed"] = True
-        warnings.warn(f"seqpar: the fused Triton merge failed ({type(e).__name__}: {e}); merging in PyTorch")
+        warnings.warn(f"seqpar: the fused Triton merge failed ({type(e).__name__}: {e}); merging in PyTorch",
+                      stacklevel=2)
         return False
     return True

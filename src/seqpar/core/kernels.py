@@ -17,7 +17,7 @@ For blocks cut from contiguous global ranges starting at ``q_start`` and
 ``k_start`` that is ``d = q_start - k_start``; ``d = 0`` is the usual
 (top-left aligned) causal mask, ``d >= Lk - 1`` sees everything and
 ``d <= -Lq`` sees nothing.  Fused kernels only know ``d = 0``, so any other
-offset is cut into :class:`Piece` s that are each either unmasked or plain causal
+offset is cut into :class:`Task` s that are each either unmasked or plain causal
 (:func:`mask_pieces`); no mask tensor is ever built.
 
 Traps of PyTorch's CPU flash op that are handled here: a zero-length input
@@ -30,20 +30,21 @@ bottom-right: causal pieces are always square, where both agree).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import fused_merge
-from .errors import ShapeError, check
+from .errors import ConfigError, ShapeError, check
 from .stats import record_work
 
 __all__ = [
-    "Piece",
+    "Task",
     "mask_pieces",
+    "accumulation_dtype",
     "attention_with_lse",
-    "attention_forward",
-    "attention_backward",
+    "pair_forward",
+    "pair_backward",
     "block_forward",
     "block_backward",
     "merge",
@@ -56,15 +57,21 @@ BACKENDS = ("auto", "cpu_flash", "cudnn", "flash", "efficient", "math")
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Rows ``q`` attend to keys ``k``, either fully or with a plain causal mask."""
+class Task:
+    """Local query rows ``q`` attend local key rows ``k``: one slice pair of attention work.
+
+    Mask: ``bias`` (additive float ``[rows, keys]``, -inf = hidden) if given, else the causal-offset
+    mask of this module (``causal``, ``offset``; ``offset=0`` is the plain top-left causal mask).
+    """
 
     q: slice
     k: slice
     causal: bool
+    offset: int = 0
+    bias: torch.Tensor | None = field(default=None, compare=False)
 
 
-def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[Piece]:
+def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[Task]:
     """Cut the (possibly offset) causal mask of an ``lq x lk`` block into fused-kernel calls.
 
     Returns an empty list when no query sees any key.  Rows not covered by any
@@ -75,7 +82,7 @@ def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[
     if lq == 0 or lk == 0:
         return []
     if not causal or causal_offset >= lk - 1:
-        return [Piece(slice(0, lq), slice(0, lk), False)]
+        return [Task(slice(0, lq), slice(0, lk), False)]
     d = causal_offset
     if d + lq - 1 < 0:
         return []
@@ -83,16 +90,16 @@ def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[
         # rows i < -d see nothing; row i >= -d sees keys 0..i+d: plain causal on q[-d:]
         return _square_causal(-d, lq, 0, lk)
     # 0 < d < lk - 1: keys [0, d) are visible to every row, keys [d, lk) causally
-    return [Piece(slice(0, lq), slice(0, d), False), *_square_causal(0, lq, d, lk)]
+    return [Task(slice(0, lq), slice(0, d), False), *_square_causal(0, lq, d, lk)]
 
 
-def _square_causal(q0: int, q1: int, k0: int, k1: int) -> list[Piece]:
+def _square_causal(q0: int, q1: int, k0: int, k1: int) -> list[Task]:
     """Rows ``[q0, q1)`` attend keys ``[k0, k1)`` top-left causally (row ``q0 + i`` sees keys up to ``k0 + i``),
     as square causal pieces plus, when rows outnumber keys, an unmasked piece for the rows that see every key."""
     m, n = q1 - q0, k1 - k0
     if m <= n:  # keys past k0 + m - 1 are seen by no row
-        return [Piece(slice(q0, q1), slice(k0, k0 + m), True)]
-    return [Piece(slice(q0, q0 + n), slice(k0, k1), True), Piece(slice(q0 + n, q1), slice(k0, k1), False)]
+        return [Task(slice(q0, q1), slice(k0, k0 + m), True)]
+    return [Task(slice(q0, q0 + n), slice(k0, k1), True), Task(slice(q0 + n, q1), slice(k0, k1), False)]
 
 
 # --------------------------------------------------------------------------- backends
@@ -108,7 +115,7 @@ def _visible_pairs(lq: int, lk: int, causal: bool) -> int:
 
 def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """Choose the kernel for ``q``'s device, dtype and head dim (``backend`` forces one)."""
-    check(backend in BACKENDS, ShapeError, f"unknown attention backend {backend!r}: choose one of {BACKENDS}")
+    check(backend in BACKENDS, ConfigError, f"unknown attention backend {backend!r}: choose one of {BACKENDS}")
     if backend != "auto":
         return backend
     if q.device.type == "cpu":
@@ -197,11 +204,12 @@ def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: to
     if backend == "flash":
         res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
     elif backend == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False,
+                                                                 scale=scale)
     elif backend == "efficient":
         res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
     else:
-        raise ShapeError(f"unknown attention backend {backend!r}")
+        raise ConfigError(f"unknown attention backend {backend!r}")
     lse = res[1]
     if lse.dim() == 4:  # cuDNN returns [B, H, L, 1]
         lse = lse.squeeze(-1)
@@ -256,17 +264,18 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
             dot, qt, kt, vt, None, ot, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
         )
     else:
-        raise ShapeError(f"unknown attention backend {backend!r}")
+        raise ConfigError(f"unknown attention backend {backend!r}")
     return _bhsd(dq), _fold_kv_grad(_bhsd(dk), hkv), _fold_kv_grad(_bhsd(dv), hkv)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for every float dtype but float64: where partial results are summed and merged."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _math_scores(q, k, causal, scale, bias=None):
     """Masked scaled scores [B, H, Lq, Lk] in the accumulation dtype (fallback only)."""
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     kk = _expand_kv(k, q.shape[2])
     s = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk.to(acc)) * scale
     if bias is not None:
@@ -287,7 +296,7 @@ def _math_forward(q, k, v, causal, scale, bias=None):
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     h, hkv = q.shape[2], k.shape[2]
     s = _math_scores(q, k, causal, scale, bias)
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
@@ -314,7 +323,7 @@ def merge(out_a, lse_a, out_b, lse_b):
     gets weight exactly 0, and both sides -inf give out 0, lse -inf, not NaN.
     Returns (out float32, lse float32).
     """
-    acc = torch.promote_types(_acc_dtype(out_a.dtype), _acc_dtype(out_b.dtype))
+    acc = torch.promote_types(accumulation_dtype(out_a.dtype), accumulation_dtype(out_b.dtype))
     out = out_a.to(acc).clone()
     lse = lse_a.to(acc).clone()
     merge_into(out, lse, out_b, lse_b)
@@ -357,7 +366,7 @@ def _check_qkv(q, k, v) -> None:
           f"q heads={q.shape[2]} not divisible by kv heads={k.shape[2]} (GQA needs heads % kv_heads == 0)")
 
 
-def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None):
+def pair_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None):
     """Forward of one (q block, k block) pair under the offset mask (or ``bias``), no autograd.
 
     Returns (out, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).  ``out``
@@ -371,7 +380,7 @@ def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float
     if len(pieces) == 1 and pieces[0].q == slice(0, lq):
         p = pieces[0]
         return block_forward(q, k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
-    acc_out = torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device)
+    acc_out = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
     acc_lse = torch.full((b, h, lq), float("-inf"), dtype=acc_out.dtype, device=q.device)
     for p in pieces:
         o, l = block_forward(q[:, p.q], k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
@@ -379,7 +388,7 @@ def attention_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float
     return acc_out, acc_lse
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
+def pair_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
                        backend: str, grads=None, bias=None):
     """Backward of one block pair given the rows' final out and lse.
 
@@ -387,7 +396,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: 
     when None, fresh float32 zeros are used.  Returns the accumulators.
     """
     if grads is None:
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     dq, dk, dv = grads
     if bias is not None:
@@ -409,7 +418,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: 
 class _AttentionWithLse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, causal_offset, scale, backend):
-        out, lse = attention_forward(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, backend=backend)
+        out, lse = pair_forward(q, k, v, causal=causal, causal_offset=causal_offset, scale=scale, backend=backend)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, causal_offset, scale, backend)
@@ -420,7 +429,7 @@ class _AttentionWithLse(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         causal, offset, scale, backend = ctx.args
-        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, causal_offset=offset,
+        dq, dk, dv = pair_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, causal_offset=offset,
                                         scale=scale, backend=backend)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
@@ -442,7 +451,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     if q.shape[1] == 0 or k.shape[1] == 0:  # the CPU op dies with SIGFPE on empty input
         b, lq, h, d = q.shape
         out = q.new_zeros(b, lq, h, d) + 0 * (q.sum() + k.sum() + v.sum())
-        return out, torch.full((b, h, lq), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
+        return out, torch.full((b, h, lq), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     return _AttentionWithLse.apply(q, k, v, bool(causal), int(causal_offset), scale, backend)
 
 

@@ -212,8 +212,8 @@ def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", gro
     ``(shard, SeqInfo)`` is returned and the :class:`~seqpar.packing.SeqInfo`
     (padding per document, positions) must be passed to
     :func:`seqpar.attention` as ``seq_info`` so padding is masked.  Padding
-    holds ``pad_value`` (use -100 for labels).  No communication forward; backward all-gathers the gradient (the dual, as
-    in Megatron's scatter to the sequence-parallel region).
+    holds ``pad_value`` (use -100 for labels).  No communication forward; backward all-gathers the
+    gradient (the dual, as in Megatron's scatter to the sequence-parallel region).
     """
     group = resolve_group(group, mesh)
     lay = resolve_layout(layout, group, mesh)

@@ -17,29 +17,17 @@ memory stays O(TILE x S/N) and blocks outside the window are skipped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from .kernels import Task
 
 __all__ = ["TokenMeta", "Task", "block_tasks", "TILE"]
 
 TILE = 128
 MIN_RUN = 16  # shorter runs (stripe layouts) are cheaper as dense bias tiles than as many tiny calls
 
-
-@dataclass(frozen=True)
-class Task:
-    """Local query rows ``q`` attend local key rows ``k``.
-
-    Mask: ``bias`` (additive float ``[rows, keys]``, -inf = hidden) if given,
-    else the causal-offset mask of :mod:`seqpar.kernels` (``causal``, ``offset``).
-    """
-
-    q: slice
-    k: slice
-    causal: bool
-    offset: int = 0
-    bias: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -50,7 +38,7 @@ class TokenMeta:
     doc: torch.Tensor
 
     @staticmethod
-    def single(positions: torch.Tensor) -> "TokenMeta":
+    def single(positions: torch.Tensor) -> TokenMeta:
         """Metadata of tokens that all belong to one unpadded sequence."""
         return TokenMeta(positions, torch.zeros_like(positions))
 

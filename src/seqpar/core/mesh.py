@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from .errors import ConfigError, check
 
-__all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "group_size", "group_rank", "default_backend",
-           "on_cuda_backend"]
+__all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "resolve_mesh", "group_size", "group_rank",
+           "default_backend", "on_cuda_backend"]
 
 DIMS = ("dp", "ring", "ulysses", "tp")
 
@@ -203,6 +203,22 @@ def resolve_group(group=None, mesh: Mesh | None = None, name: str = "sp"):
     if mesh is not None:
         return mesh.group(name)
     return dist.group.WORLD if dist.is_initialized() else None
+
+
+def resolve_mesh(mesh: Mesh | None = None) -> Mesh:
+    """The mesh an API call means: ``mesh``, else the default mesh (:func:`init`), else one process.
+
+    Without any mesh while a process group exists, the call would silently run on one rank's
+    data as if alone: that raises (call :func:`seqpar.init` first, or pass ``mesh=``).
+    """
+    if mesh is not None:
+        return mesh
+    if _DEFAULT is not None:
+        return _DEFAULT
+    check(not (dist.is_available() and dist.is_initialized()), ConfigError,
+          "torch.distributed is initialised but no seqpar mesh is set: call seqpar.init(sp=..., dp=...) first "
+          "or pass mesh=")
+    return Mesh()
 
 
 def group_size(group) -> int:

@@ -17,7 +17,7 @@ import torch
 from ..core import comm
 from ..core.debug import check_agree, debug_enabled
 from ..core.errors import ShapeError, check
-from ..core.kernels import attention_with_lse, merge_into
+from ..core.kernels import accumulation_dtype, attention_with_lse, merge_into
 from ..core.layout import resolve_layout
 from ..core.mesh import Mesh, group_rank, group_size
 from ..core.packing import SeqInfo
@@ -134,7 +134,7 @@ def merge_over_group(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch
     Communication: one all-gather of ``[B, L, H, D + 1]`` (out with lse appended) per call.
     """
     n = group_size(group)
-    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(out.dtype)
     if n == 1:
         return out.to(acc), lse.to(acc)
     packed = torch.cat([out.to(acc), lse.to(acc).transpose(1, 2).unsqueeze(-1)], dim=-1)  # [B, L, H, D+1]

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..core import comm
 from ..attention import STRATEGIES, attention
+from ..core import comm
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.kernels import attention_with_lse
 from ..core.mesh import Mesh, group_rank, group_size
@@ -39,8 +39,7 @@ from ..core.packing import SeqInfo
 from ..tp._base import TPModule
 from . import hf as _hf
 from .cache import CacheError, KVCache, LayerCache
-from .common import (check_prompt, check_tokens, decode_attention, merge_over_group, new_cache, split_prompt,
-                     token_owner)
+from .common import check_prompt, check_tokens, decode_attention, merge_over_group, new_cache, split_prompt, token_owner
 from .sampling import Sampler
 
 __all__ = ["prefill", "decode_step", "decode", "generate", "merge_over_group"]

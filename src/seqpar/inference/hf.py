@@ -35,16 +35,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core import comm
 from ..attention import STRATEGIES
+from ..core import comm
 from ..core.errors import ConfigError, check
-from ..integrations._hf_batch import INFO_KEY
-from ..integrations.hf import CACHE_KEY, _Settings
 from ..core.layout import resolve_layout
 from ..core.mesh import Mesh, group_size
+from ..integrations._hf_batch import INFO_KEY
+from ..integrations.hf import CACHE_KEY, _Settings
 from .cache import CacheError, KVCache, LayerCache
-from .common import (check_prompt, check_tokens, decode_attention, new_cache, split_prompt, token_owner,
-                     window_keys)
+from .common import check_prompt, check_tokens, decode_attention, new_cache, split_prompt, token_owner, window_keys
 
 __all__ = ["settings", "check_mesh", "prefill", "decode_step"]
 

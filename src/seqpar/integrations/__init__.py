@@ -4,7 +4,7 @@
   ``transformers`` causal LMs (Llama, Mistral, Qwen2, Qwen3, ...): a seqpar
   attention function registered through transformers' ``AttentionInterface``,
   batch sharding (:func:`~seqpar.integrations.hf.shard_batch`) and the exact
-  global token-mean loss (:func:`~seqpar.integrations.hf.sp_causal_lm_loss`).
+  global token-mean loss (:func:`~seqpar.integrations.hf.causal_lm_loss`).
 
 Nothing here imports an optional dependency at import time: ``transformers`` is
 imported when a model is prepared (:func:`seqpar.integrations.hf.apply`).

@@ -1,44 +1,26 @@
-"""Batch sharding and the exact global loss for the Hugging Face integration (no transformers import).
+"""Batch sharding for the Hugging Face integration (no transformers import).
 
 See :mod:`seqpar.integrations.hf` for the whole recipe.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.layout import get_layout, resolve_layout, shard
-from ..core.mesh import Mesh, get_mesh, group_rank, group_size
+from ..core.mesh import Mesh, group_rank, resolve_mesh
 from ..core.packing import SeqInfo
-from ..core.stats import record_comm
+from ..train.loss import IGNORE_INDEX, shift_labels
 
-__all__ = ["shard_batch", "sp_causal_lm_loss", "SPLoss", "shift_labels", "cu_seqlens_from_position_ids",
-           "IGNORE_INDEX", "INFO_KEY"]
-
-IGNORE_INDEX = -100
+__all__ = ["shard_batch", "cu_seqlens_from_position_ids", "INFO_KEY"]
 #: the keyword under which shard_batch hands the packing/padding layout to the model; HF forwards every
 #: extra keyword of ``model(...)`` down to the attention function, which reads it there.
 INFO_KEY = "seqpar_info"
 
 _BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
-
-
-def resolve_mesh(mesh: Mesh | None) -> Mesh:
-    """``mesh``, else the default mesh, else a trivial single-process mesh (only without a process group)."""
-    if mesh is not None:
-        return mesh
-    mesh = get_mesh()
-    if mesh is not None:
-        return mesh
-    check(not (dist.is_available() and dist.is_initialized()), ConfigError,
-          "torch.distributed is initialised but no seqpar mesh is set: call seqpar.init(sp=..., dp=...) first "
-          "or pass mesh=")
-    return Mesh()
 
 
 def check_mesh(mesh: Mesh) -> None:
@@ -68,19 +50,6 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> list[int]:
     return [0, *cuts, pos.shape[1]]
 
 
-def shift_labels(labels: torch.Tensor, cu_seqlens=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Next-token targets of full (unsharded) HF-style labels ``[B, S]``: ``out[t] = labels[t + 1]``.
-
-    Shift *before* sharding so no token loses its target at a shard edge; the
-    last token of every document (``cu_seqlens``) has no target (``ignore_index``).
-    """
-    out = torch.full_like(labels, ignore_index)
-    out[:, :-1] = labels[:, 1:]
-    for end in (cu_seqlens or [labels.shape[1]])[1:]:
-        out[:, int(end) - 1] = ignore_index
-    return out
-
-
 def shard_batch(batch: Mapping[str, torch.Tensor], mesh: Mesh | None = None, layout: str = "zigzag"
                 ) -> dict[str, Any]:
     """This rank's part of a causal-LM batch, ready for ``model(**local)`` after :func:`~seqpar.integrations.hf.apply`.
@@ -106,7 +75,7 @@ def shard_batch(batch: Mapping[str, torch.Tensor], mesh: Mesh | None = None, lay
         ``shift_labels`` (the same tensor, already shifted: HF's loss uses
         ``shift_labels`` as given and does not shift again; padding is -100;
         ``model(**local).loss`` is then this rank's *local* token mean, not the
-        global one: pop both and use :func:`sp_causal_lm_loss`, which also
+        global one: pop both and use :func:`seqpar.train.causal_lm_loss`, which also
         saves HF's second pass over the logits);
         and ``seqpar_info``, the :class:`~seqpar.packing.SeqInfo` (documents,
         padding). HF passes every extra keyword of ``model(...)`` down to the
@@ -180,60 +149,3 @@ def batch_info(info: SeqInfo | None, mesh: Mesh, layout: str, local_len: int) ->
     if info.padding == 0 and len(info.cu_seqlens) == 2:
         return None  # one unpadded sequence: the layout's closed-form plan is cheaper than per-token metadata
     return info
-
-
-@dataclass
-class SPLoss:
-    """Result of :func:`sp_causal_lm_loss`."""
-
-    #: call ``.backward()`` on this: ``local_sum * (dp * sp) / global_tokens`` (see sp_causal_lm_loss)
-    loss: torch.Tensor
-    #: the global token-mean cross-entropy (detached float64 scalar, the same on every rank)
-    value: torch.Tensor
-    #: valid (non -100) tokens over all dp x sp ranks (float64 scalar)
-    tokens: torch.Tensor
-
-
-def sp_causal_lm_loss(logits_local: torch.Tensor, labels_local: torch.Tensor, mesh: Mesh | None = None, *,
-                      ignore_index: int = IGNORE_INDEX) -> SPLoss:
-    """Exact global token-mean cross-entropy of sequence-sharded logits.
-
-    Args:
-        logits_local: ``[B, S/sp, V]`` this rank's logits (``model(**local).logits``).
-        labels_local: ``[B, S/sp]`` the already shifted labels from :func:`shard_batch`
-            (not shifted again here).
-        mesh: the dp x sp mesh (default: the default mesh).
-
-    The global mean is ``sum of CE over every valid token of every dp and sp rank /
-    number of those tokens``.  Each rank returns ``loss = local_sum * (dp * sp) /
-    global_tokens``: its share of that mean, scaled by the number of ranks, so that
-    *averaging* parameter gradients over ``mesh.dp_sp_group`` (what DDP and FSDP do:
-    wrap the model with ``DistributedDataParallel(model, process_group=mesh.dp_sp_group)``,
-    or use ``seqpar.train.sync_gradients``) gives exactly the gradient of the
-    global mean, however tokens and ignored labels fall across ranks.  Parameters
-    are replicated over sp as well as dp, so gradients must be reduced over both;
-    reducing over ``mesh.dp_group`` only would leave each sp rank with the gradient of
-    its own tokens.  ``value`` is the global mean itself, for logging.
-
-    Communication: one all-reduce of two float64 scalars (loss sum, token count)
-    over ``mesh.dp_sp_group``; no host synchronisation.  A global batch without any
-    valid token gives loss 0 (not NaN).
-    """
-    mesh = resolve_mesh(mesh)
-    check_mesh(mesh)
-    check(logits_local.dim() == 3 and tuple(labels_local.shape) == tuple(logits_local.shape[:2]), ShapeError,
-          f"logits {tuple(logits_local.shape)} must be [B, S_local, V] and labels {tuple(labels_local.shape)} "
-          f"[B, S_local]: use the labels from shard_batch (sharded like input_ids)")
-    # float32 at least: bf16 log-softmax over a large vocabulary loses the small per-token differences
-    logits = logits_local.float() if logits_local.dtype in (torch.float16, torch.bfloat16) else logits_local
-    labels = labels_local.to(logits.device)
-    local_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
-    stats = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
-    group = mesh.dp_sp_group
-    if group_size(group) > 1:
-        record_comm("all_reduce", stats.numel() * stats.element_size())
-        dist.all_reduce(stats, group=group)
-    tokens = stats[1]
-    count = tokens.clamp(min=1)
-    loss = local_sum * (mesh.dp * mesh.sp / count).to(local_sum.dtype)
-    return SPLoss(loss=loss, value=stats[0] / count, tokens=tokens)

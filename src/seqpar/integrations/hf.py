@@ -10,7 +10,7 @@ on every rank of its sequence-parallel group)::
     local = hf.shard_batch({"input_ids": ids, "labels": ids, "position_ids": pos}, mesh)
     labels = local.pop("labels"); del local["shift_labels"]   # shifted before sharding
     out = ddp(**local)                                   # local logits [B, S/sp, V]
-    loss = hf.sp_causal_lm_loss(out.logits, labels, mesh)
+    loss = hf.causal_lm_loss(out.logits, labels, mesh)
     loss.loss.backward()                                 # DDP averages grads over dp x sp: exact
 
 How each piece of the HF model is made exact on a sequence shard:
@@ -40,7 +40,7 @@ How each piece of the HF model is made exact on a sequence shard:
   ``model(**local)`` through the decoder layers to ``fn``, which passes it to
   seqpar.attention as ``seq_info``.
 * **Loss**: labels are shifted before sharding (see :func:`shard_batch`);
-  :func:`sp_causal_lm_loss` gives the exact global token mean.
+  :func:`causal_lm_loss` gives the exact global token mean.
 
 Inference: :func:`seqpar.inference.generate` (``prefill``, ``decode_step``) runs a model
 prepared here with a KV cache sharded over the sequence; see :mod:`seqpar.inference.hf`.
@@ -74,12 +74,15 @@ from torch import nn
 from ..attention import STRATEGIES, attention
 from ..core.errors import ConfigError, check
 from ..core.layout import get_layout
-from ..core.mesh import Mesh
-from ._hf_batch import (INFO_KEY, SPLoss, batch_info, check_mesh, cu_seqlens_from_position_ids, resolve_mesh,
-                        shard_batch, shift_labels, sp_causal_lm_loss)
+from ..core.mesh import Mesh, resolve_mesh
+from ..train.loss import LossOutput, causal_lm_loss, shift_labels
+from ._hf_batch import INFO_KEY, batch_info, check_mesh, cu_seqlens_from_position_ids, shard_batch
 
-__all__ = ["apply", "shard_batch", "sp_causal_lm_loss", "SPLoss", "shift_labels", "cu_seqlens_from_position_ids",
-           "attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KEY"]
+__all__ = ["apply", "shard_batch", "causal_lm_loss", "LossOutput", "shift_labels", "cu_seqlens_from_position_ids",
+           "hf_attention", "ATTN_IMPLEMENTATION", "CACHE_KEY"]
+
+#: names renamed in 0.2, kept one release: old name -> (new name, object)
+_RENAMED = {"sp_causal_lm_loss": ("causal_lm_loss", causal_lm_loss), "SPLoss": ("LossOutput", LossOutput)}
 
 #: the name under which the attention function is registered with transformers
 ATTN_IMPLEMENTATION = "seqpar"
@@ -122,7 +125,7 @@ class _Settings:
         return self  # process groups cannot be copied: a deep copy of the model shares its mesh and hooks' state
 
 
-def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       sliding_window: int | None = None, is_causal: bool | None = None, **kwargs: Any
                       ) -> tuple[torch.Tensor, None]:
@@ -222,7 +225,7 @@ def _top_pre_hook(s: _Settings, module: nn.Module):
         check(call.get("labels") is None or call.get("shift_labels") is not None, ConfigError,
               f"{s.name} got labels without shift_labels: HF would shift them on each shard, so every shard's "
               f"last token would lose its target; pass the batch from seqpar.integrations.hf.shard_batch (labels "
-              f"shifted before sharding, with shift_labels) and use sp_causal_lm_loss for the exact global loss")
+              f"shifted before sharding, with shift_labels) and use causal_lm_loss for the exact global loss")
         return None
     return hook
 
@@ -290,7 +293,7 @@ def _rope_types(config) -> set[str]:
 def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", layout: str = "zigzag") -> nn.Module:
     """Make a Hugging Face causal LM run sequence-parallel attention over ``mesh.sp_group``.
 
-    Registers :func:`attention_forward` as attention implementation ``"seqpar"``
+    Registers :func:`hf_attention` as attention implementation ``"seqpar"``
     (``transformers.AttentionInterface.register``), switches ``model`` to it
     (``model.set_attn_implementation``), stores ``mesh``/``strategy``/``layout`` on
     the model's modules and installs forward hooks that check the inputs
@@ -344,7 +347,7 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
           f"{name} does not route attention through transformers' AttentionInterface "
           f"(transformers {transformers.__version__}), so seqpar cannot replace its attention")
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
     # masks: an implementation without a mask function makes create_causal_mask return the user's mask as is
     # (None after our pre-hook); a mask function under our name would make HF build local [S/sp, S/sp] masks
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -375,3 +378,16 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
     s.hooks.append(base.register_forward_pre_hook(_base_pre_hook(s, base), with_kwargs=True))
     s.hooks.append(base.register_forward_hook(_base_post_hook(s)))
     return model
+
+
+def __getattr__(name: str):
+    if name == "attention_forward":
+        _RENAMED[name] = ("hf_attention", hf_attention)
+    if name in _RENAMED:
+        import warnings
+
+        new, obj = _RENAMED[name]
+        warnings.warn(f"seqpar.integrations.hf.{name} was renamed {new}; the old name goes away in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return obj
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,14 +23,13 @@ import zlib
 import torch
 from torch import nn
 
-from ..core import comm
 from ..attention import attention
+from ..core import comm
 from ..core.configs import ModelConfig, get_config
 from ..core.errors import ShapeError, check
 from ..core.layout import position_ids as layout_position_ids
-from ..core.mesh import Mesh
+from ..core.mesh import Mesh, resolve_mesh
 from ..tp import ColumnParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding
-from ..tp.mappings import resolve_mesh
 
 __all__ = ["LlamaForCausalLM", "rope"]
 
@@ -211,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
         N(0, std).  One full tensor at a time is materialised; no communication."""
         self.load_full_state_dict(_LazyInit(self.full_shapes(), seed, std, self.embed.weight.dtype))
 
-    def entries(self, source=None) -> list["StateEntry"]:
+    def entries(self, source=None) -> list[StateEntry]:
         """Every single-device tensor as this tp rank holds it: chunk ``tp_rank`` along ``dim``.
 
         ``source(param)`` picks what to read/write instead of the parameter (its grad, an

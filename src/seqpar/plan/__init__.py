@@ -37,13 +37,39 @@ Example::
 import sys as _sys
 import types as _types
 
-from seqpar.plan.comm_cost import CommVolume, Transfer, all_gather_bytes, all_reduce_bytes, all_to_all_bytes, comm_volume_per_layer, dp_comm_bytes, layer_transfers, reduce_scatter_bytes
+from seqpar.plan.comm_cost import (
+    CommVolume,
+    Transfer,
+    all_gather_bytes,
+    all_reduce_bytes,
+    all_to_all_bytes,
+    comm_volume_per_layer,
+    dp_comm_bytes,
+    layer_transfers,
+    reduce_scatter_bytes,
+)
 from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.inference import InferenceOption, InferencePlan, kv_cache_bytes, plan_inference
-from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, ParallelLayout, group_spans_nodes, resolve_parallel_layout
-from seqpar.plan.memory import (GB, MemoryBreakdown, activation_memory, activation_memory_per_layer,
-                                activation_terms_per_layer, hidden_state_bytes, model_state_memory,
-                                non_layer_activation_terms, parameter_count)
+from seqpar.plan.memory import (
+    GB,
+    MemoryBreakdown,
+    activation_memory,
+    activation_memory_per_layer,
+    activation_terms_per_layer,
+    hidden_state_bytes,
+    model_state_memory,
+    non_layer_activation_terms,
+    parameter_count,
+)
+from seqpar.plan.parallel_layout import (
+    ATTENTION_KERNELS,
+    RECOMPUTE_MODES,
+    SP_STRATEGIES,
+    STRATEGIES,
+    ParallelLayout,
+    group_spans_nodes,
+    resolve_parallel_layout,
+)
 from seqpar.plan.planner import Candidate, Plan, Settings, evaluate, plan
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, layer_flops
 

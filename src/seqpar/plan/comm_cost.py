@@ -50,8 +50,8 @@ from typing import Any
 
 from seqpar.core.configs import ModelConfig, ModelLike, get_config
 from seqpar.core.errors import ConfigError, check
-from seqpar.plan.parallel_layout import RECOMPUTE_MODES, ParallelLayout, resolve_parallel_layout
 from seqpar.plan.memory import parameter_count
+from seqpar.plan.parallel_layout import RECOMPUTE_MODES, ParallelLayout, resolve_parallel_layout
 
 __all__ = [
     "Transfer", "CommVolume", "comm_volume_per_layer", "layer_transfers", "dp_comm_bytes",

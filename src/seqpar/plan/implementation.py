@@ -118,7 +118,8 @@ def seqpar_layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dt
     return terms
 
 
-def seqpar_non_layer_terms(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int, causal: bool = True) -> dict[str, int]:
+def seqpar_non_layer_terms(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int,
+                           causal: bool = True) -> dict[str, int]:
     """Bytes saved outside the layers by the model's forward and :func:`seqpar.train.causal_lm_loss`."""
     p, b, h = dtype_bytes, lay.micro_batch, cfg.hidden_size
     acc = _acc(p)

@@ -26,8 +26,8 @@ from typing import Any
 
 from seqpar.core.configs import ModelConfig, ModelLike, get_config
 from seqpar.core.errors import ConfigError, check
-from seqpar.plan.parallel_layout import divisors
 from seqpar.plan.memory import GB, parameter_count
+from seqpar.plan.parallel_layout import divisors
 from seqpar.plan.timing import Hardware, _ring_time, layer_flops
 
 __all__ = ["kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference"]

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 from seqpar.core.configs import ModelConfig
 from seqpar.core.errors import ConfigError, check
+from seqpar.core.strategies import SP_STRATEGIES
 
 __all__ = [
     "STRATEGIES", "SP_STRATEGIES", "RECOMPUTE_MODES", "ATTENTION_KERNELS",
     "ParallelLayout", "resolve_parallel_layout", "group_spans_nodes", "divisors",
 ]
 
-STRATEGIES = ("none", "megatron", "ulysses", "ring", "allgather", "usp", "ring_qk_av")
-SP_STRATEGIES = ("ulysses", "ring", "allgather", "usp", "ring_qk_av")
+STRATEGIES = ("none", "megatron", *SP_STRATEGIES)
 RECOMPUTE_MODES = ("none", "selective", "full")
 ATTENTION_KERNELS = ("math", "flash")
 

@@ -10,15 +10,25 @@ equal).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from seqpar.core.configs import ModelConfig, ModelLike, get_config
 from seqpar.core.errors import ConfigError, check
 from seqpar.plan.comm_cost import CommVolume, dp_comm_bytes, layer_transfers
 from seqpar.plan.implementation import IMPLEMENTATIONS
-from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, SP_STRATEGIES, STRATEGIES, ParallelLayout, divisors, group_spans_nodes, resolve_parallel_layout
 from seqpar.plan.memory import GB, MemoryBreakdown, _non_layer_terms, _terms, model_state_memory
+from seqpar.plan.parallel_layout import (
+    ATTENTION_KERNELS,
+    RECOMPUTE_MODES,
+    SP_STRATEGIES,
+    STRATEGIES,
+    ParallelLayout,
+    divisors,
+    group_spans_nodes,
+    resolve_parallel_layout,
+)
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time
 
 __all__ = ["Candidate", "Plan", "Settings", "evaluate", "plan"]
@@ -323,7 +333,8 @@ class Plan:
 
 
 def _enumerate(cfg: ModelConfig, seq_len: int, n_gpus: int, tp: int | None, sp: int | None, ulysses: int | None,
-               dp: int | None, strategies: Sequence[str], node_size: int) -> list[tuple[str, int, int, int, int | None]]:
+               dp: int | None, strategies: Sequence[str],
+               node_size: int) -> list[tuple[str, int, int, int, int | None]]:
     out: list[tuple[str, int, int, int, int | None]] = []
     a = cfg.num_attention_heads
     if tp is not None:

@@ -20,9 +20,13 @@ from .cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .embedding import VocabParallelEmbedding
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .mappings import (
-    copy_to_tensor_parallel_region, gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
-    reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region,
-    scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region,
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
 )
 from .norm import LayerNorm, RMSNorm, mark_sequence_parallel, sync_sequence_parallel_grads
 from .random import TENSOR_PARALLEL_RNG, RNGStatesTracker, get_rng_tracker, model_parallel_seed

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..core import comm
 from ..core.errors import ShapeError, check
-from ..core.mesh import Mesh, group_rank, group_size
-from .mappings import resolve_mesh
+from ..core.mesh import Mesh, group_rank, group_size, resolve_mesh
 
 _SKIP_INIT = [False]
 
@@ -75,7 +74,7 @@ class TPModule(nn.Module):
         self.tp_size = group_size(self.tp_group)
         self.tp_rank = group_rank(self.tp_group)
 
-    def __deepcopy__(self, memo: dict) -> "TPModule":
+    def __deepcopy__(self, memo: dict) -> TPModule:
         return deepcopy_keeping_marks(self, memo, (self.tp_group,))
 
     def _gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ Communication: forward one all-gather; backward one all-gather and one reduce-sc
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

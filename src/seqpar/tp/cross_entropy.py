@@ -10,16 +10,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..core.comm import reduce_in_place
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import group_rank, group_size
 from ..core.stats import record_comm
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
-
-
-def _all_reduce_(x: torch.Tensor, op, group) -> None:
-    record_comm("all_reduce", x.numel() * x.element_size())
-    dist.all_reduce(x, op=op, group=group)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -38,7 +34,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         zmax = z.amax(dim=-1)
         if n > 1:
-            _all_reduce_(zmax, dist.ReduceOp.MAX, group)
+            reduce_in_place(zmax, group, "max")
         z = z - zmax.unsqueeze(-1)  # a new tensor: exponentiated in place below
         valid = target != ignore_index
         local = target.long() - start
@@ -48,7 +44,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = z.exp_()
         stats = torch.stack([picked, exp.sum(dim=-1)])
         if n > 1:
-            _all_reduce_(stats, dist.ReduceOp.SUM, group)
+            reduce_in_place(stats, group)
         picked, sum_exp = stats[0], stats[1]
         loss = (torch.log(sum_exp) - picked).masked_fill(~valid, 0.0)
         softmax = exp.div_(sum_exp.unsqueeze(-1))

@@ -93,7 +93,7 @@ class VocabParallelEmbedding(TPModule):
 
     @classmethod
     def from_full(cls, embedding: nn.Embedding, *, mesh: Mesh | None = None, sequence_parallel: bool = False,
-                  seq_dim: int = 1) -> "VocabParallelEmbedding":
+                  seq_dim: int = 1) -> VocabParallelEmbedding:
         """This rank's rows of a single-device ``nn.Embedding`` (no communication, no RNG use).
 
         ``padding_idx`` carries over; ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are refused

@@ -17,8 +17,8 @@ them stays sharded and the pair needs one reduction.
 Same bytes as the all-reduce (an all-reduce *is* reduce-scatter + all-gather),
 but everything outside the pair (norms, dropout, residual) now runs on S/t
 tokens, and the column layer stores only its S/t input shard for backward
-(re-gathered there, overlapped with the gradient matmuls).  The row layer's bias is then added on a sequence shard, so its gradient
-is partial per tp rank: it is marked ``bias.sequence_parallel = True`` for
+(re-gathered there, overlapped with the gradient matmuls).  The row layer's bias is then added on a
+sequence shard, so its gradient is partial per tp rank: it is marked ``bias.sequence_parallel = True`` for
 :func:`seqpar.tp.sync_sequence_parallel_grads`.
 
 Weights are initialised like ``nn.Linear`` on the *full* ``[out, in]`` matrix and
@@ -87,8 +87,9 @@ class ColumnParallelLinear(TPModule):
               "ColumnParallelLinear: gather_output=True and sequence_parallel=True do not combine (the output "
               "would be the whole sequence, replicated); keep the output sharded, or turn sequence_parallel off")
         divisible(in_features, 1, "in_features", "")
-        self.out_per_rank = divisible(out_features, self.tp_size, "ColumnParallelLinear out_features",
-                                      f"choose out_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
+        self.out_per_rank = divisible(
+            out_features, self.tp_size, "ColumnParallelLinear out_features",
+            f"choose out_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.gather_output, self.seq_dim = sequence_parallel, gather_output, seq_dim
         kw = {"dtype": dtype, "device": device}
@@ -119,7 +120,7 @@ class ColumnParallelLinear(TPModule):
 
     @classmethod
     def from_full(cls, linear: nn.Linear, *, mesh: Mesh | None = None, sequence_parallel: bool = False,
-                  gather_output: bool = False, seq_dim: int = 1) -> "ColumnParallelLinear":
+                  gather_output: bool = False, seq_dim: int = 1) -> ColumnParallelLinear:
         """This rank's shard of a single-device ``nn.Linear`` (no communication, no RNG use)."""
         w = linear.weight
         with skip_init():
@@ -170,8 +171,9 @@ class RowParallelLinear(TPModule):
               "RowParallelLinear: sequence_parallel=True needs input_is_parallel=True (the input must be the "
               "feature-sharded output of a ColumnParallelLinear)")
         divisible(out_features, 1, "out_features", "")
-        self.in_per_rank = divisible(in_features, self.tp_size, "RowParallelLinear in_features",
-                                     f"choose in_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
+        self.in_per_rank = divisible(
+            in_features, self.tp_size, "RowParallelLinear in_features",
+            f"choose in_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.input_is_parallel, self.seq_dim = sequence_parallel, input_is_parallel, seq_dim
         kw = {"dtype": dtype, "device": device}
@@ -213,7 +215,7 @@ class RowParallelLinear(TPModule):
 
     @classmethod
     def from_full(cls, linear: nn.Linear, *, mesh: Mesh | None = None, sequence_parallel: bool = False,
-                  input_is_parallel: bool = True, seq_dim: int = 1) -> "RowParallelLinear":
+                  input_is_parallel: bool = True, seq_dim: int = 1) -> RowParallelLinear:
         """This rank's shard of a single-device ``nn.Linear`` (no communication, no RNG use)."""
         w = linear.weight
         with skip_init():

@@ -29,31 +29,14 @@ import torch
 from ..core import comm
 from ..core.comm import _all_gather, _split
 from ..core.errors import ShapeError, check
-from ..core.mesh import Mesh, get_mesh, group_rank, group_size
+from ..core.mesh import group_size
 
 __all__ = [
-    "resolve_mesh", "tp_size", "tp_rank",
     "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region",
     "scatter_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
     "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
 ]
-
-
-def resolve_mesh(mesh: Mesh | None) -> Mesh:
-    """``mesh``, else the default mesh of :func:`seqpar.init`, else a trivial single-process mesh."""
-    if mesh is not None:
-        return mesh
-    default = get_mesh()
-    return default if default is not None else Mesh()
-
-
-def tp_size(group) -> int:
-    return group_size(group)
-
-
-def tp_rank(group) -> int:
-    return group_rank(group)
 
 
 def _trivial(group) -> bool:

@@ -21,15 +21,14 @@ trainer's job; this function only covers the tensor-parallel part.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from ..core.mesh import Mesh, group_size
 from ..core.comm import agreed_grads, all_reduce_coalesced
+from ..core.mesh import Mesh, group_size, resolve_mesh
 from ._base import deepcopy_keeping_marks
-from .mappings import resolve_mesh
 
 __all__ = ["LayerNorm", "RMSNorm", "sync_sequence_parallel_grads", "mark_sequence_parallel"]
 
@@ -59,7 +58,7 @@ class LayerNorm(nn.LayerNorm):
         self.sequence_parallel = sequence_parallel
         mark_sequence_parallel(self, sequence_parallel)
 
-    def __deepcopy__(self, memo: dict) -> "LayerNorm":
+    def __deepcopy__(self, memo: dict) -> LayerNorm:
         return deepcopy_keeping_marks(self, memo)
 
 
@@ -73,7 +72,7 @@ class RMSNorm(nn.RMSNorm):
         self.sequence_parallel = sequence_parallel
         mark_sequence_parallel(self, sequence_parallel)
 
-    def __deepcopy__(self, memo: dict) -> "RMSNorm":
+    def __deepcopy__(self, memo: dict) -> RMSNorm:
         return deepcopy_keeping_marks(self, memo)
 
 

@@ -37,13 +37,12 @@ ranks only if it is, which per-shard seeding ends.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..core.errors import ConfigError, check
-from ..core.mesh import Mesh
-from .mappings import resolve_mesh
+from ..core.mesh import Mesh, resolve_mesh
 
 __all__ = ["RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "TENSOR_PARALLEL_RNG"]
 

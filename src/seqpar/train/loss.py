@@ -1,88 +1,87 @@
-"""Training glue: shifted labels, the exact global token-mean loss, gradient reduction over dp x sp.
+"""The causal-LM loss of sequence-sharded (and vocab-split) logits: one API, tensors in and out.
 
-The loss contract: every rank returns ``loss = local_sum * (dp * sp) / global_tokens`` so that
+The contract: every rank returns ``loss = local_sum * (dp * sp) / global_tokens`` so that
 *averaging* gradients over ``mesh.dp_sp_group`` (what DDP and FSDP do, and what
-:func:`sync_gradients` does) gives exactly the gradient of the global token mean, whatever
-the split of sequences and tokens.  ``value`` is the global token-mean loss itself.
+:func:`seqpar.train.sync_gradients` does) gives exactly the gradient of the global token mean,
+whatever the split of sequences and tokens.  ``value`` is the global token-mean loss itself.
+Labels are shifted *before* sharding (:func:`shift_labels`), so no token loses its target at a
+shard edge.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from ..core.comm import agreed_grads, all_reduce_coalesced
+from ..core.comm import reduce_in_place
 from ..core.errors import ShapeError, check
-from ..core.mesh import Mesh, group_size
-from ..core.stats import record_comm
-from ..tp import sync_sequence_parallel_grads, vocab_parallel_cross_entropy
-from ..tp.mappings import resolve_mesh
+from ..core.mesh import Mesh, resolve_mesh
+from ..tp.cross_entropy import vocab_parallel_cross_entropy
 
-__all__ = ["shift_labels", "causal_lm_loss", "LossOutput", "sync_gradients"]
+__all__ = ["IGNORE_INDEX", "IGNORE", "shift_labels", "causal_lm_loss", "LossOutput"]
 
-IGNORE = -100
+#: label value that takes no part in the loss (PyTorch's and Hugging Face's convention)
+IGNORE_INDEX = -100
+IGNORE = IGNORE_INDEX
 
 
-def shift_labels(input_ids: torch.Tensor, cu_seqlens=None, ignore_index: int = IGNORE) -> torch.Tensor:
-    """Next-token targets ``[B, S]`` of full (unsharded) ids: ``labels[t] = ids[t + 1]``.
+def shift_labels(labels: torch.Tensor, cu_seqlens=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token targets of full (unsharded) ids or HF-style labels ``[B, S]``: ``out[t] = labels[t + 1]``.
 
-    Shift *before* sharding, so no token loses its target at a shard edge; the last
-    token of each document (from ``cu_seqlens``) gets ``ignore_index``.
+    Shift *before* sharding, so no token loses its target at a shard edge.  The last token of
+    the sequence, and of every packed document (``cu_seqlens``, flash-attn's convention), has no
+    target (``ignore_index``).  No communication.
     """
-    labels = torch.full_like(input_ids, ignore_index)
-    labels[:, :-1] = input_ids[:, 1:]
-    for end in ([] if cu_seqlens is None else list(cu_seqlens)[1:]):
-        labels[:, int(end) - 1] = ignore_index
-    labels[:, -1] = ignore_index
-    return labels
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    ends = [] if cu_seqlens is None else [int(e) for e in list(cu_seqlens)[1:]]
+    for end in ends:
+        out[:, end - 1] = ignore_index
+    out[:, -1] = ignore_index
+    return out
 
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # call .backward() on this
-    value: float  # the global token-mean loss
-    tokens: int  # tokens counted over dp x sp
+    """What :func:`causal_lm_loss` returns; every field is a tensor (nothing is read back to the host)."""
+
+    #: call ``.backward()`` on this: ``local_sum * (dp * sp) / global_tokens``
+    loss: torch.Tensor
+    #: the global token-mean loss (detached float64 scalar, the same on every rank; 0 without tokens)
+    value: torch.Tensor
+    #: tokens with a target over every dp x sp rank (float64 scalar)
+    tokens: torch.Tensor
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if group_size(group) > 1:
-        record_comm("all_reduce", x.numel() * x.element_size())
-        dist.all_reduce(x, group=group)
-    return x
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: Mesh | None = None, *,
+                   ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """Exact global token-mean cross-entropy of this rank's logits and (already shifted) labels.
 
+    Args:
+        logits: ``[B, S_local, V/t]`` this rank's logits, the vocabulary split over ``mesh.tp_group``
+            (``t = 1``: whole rows, e.g. a Hugging Face model's ``out.logits``).  Half precision is
+            upcast to float32 for the softmax statistics; the vocabulary is never gathered.
+        labels: ``[B, S_local]`` targets sharded like the ids (:func:`shift_labels` before sharding;
+            not shifted again here), ``ignore_index`` where there is none.
+        mesh: the dp x sp x tp mesh (``None``: the default mesh).
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: Mesh | None = None) -> LossOutput:
-    """Exact global token-mean cross-entropy of vocab-parallel logits ``[B, S/sp, V/t]`` and local labels.
+    Returns a :class:`LossOutput`.  A global batch without any target gives ``loss`` 0 (with zero
+    gradients) and ``value`` 0, never NaN.
 
-    Communication: the vocab-parallel cross entropy's all-reduces over tp, and two
-    scalar all-reduces over dp x sp (token count, loss value).
+    Communication: the vocab-parallel cross entropy's two all-reduces over tp (none for t = 1), and
+    one all-reduce of two float64 scalars (loss sum, token count) over ``mesh.dp_sp_group``.  No
+    host synchronisation.
     """
     mesh = resolve_mesh(mesh)
-    check(labels.shape == logits.shape[:-1], ShapeError,
-          f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape[:-1])} (shard the shifted labels "
-          f"like the ids)")
-    ce = vocab_parallel_cross_entropy(logits, labels, group=mesh.tp_group, reduction="none")
-    valid = labels != IGNORE
-    local_sum = (ce * valid).sum()
-    group = mesh.dp_sp_group
-    count = int(_all_reduce(valid.sum().to(torch.float64), group).item())
-    check(count > 0, ShapeError, "no token has a target (all labels are ignore_index)")
-    total = _all_reduce(local_sum.detach().to(torch.float64).clone(), group)
-    return LossOutput(local_sum * (mesh.dp * mesh.sp / count), float(total) / count, count)
-
-
-def sync_gradients(model: nn.Module, mesh: Mesh | None = None) -> None:
-    """After backward: sum sequence-parallel norm grads over tp, then average every grad over dp x sp.
-
-    Call it once per optimizer step, after the last micro-batch's backward when accumulating
-    (the sums and the average are not idempotent: a second call would count the gradients
-    again).  Use instead of DDP/FSDP's own reduction (not in addition to it).  Gradients are
-    coalesced per dtype: one all-reduce each over ``mesh.dp_sp_group``, after one small
-    all-reduce that agrees which parameters have a gradient (see :func:`seqpar.comm.agreed_grads`).
-    """
-    mesh = resolve_mesh(mesh)
-    sync_sequence_parallel_grads(model, mesh)
-    all_reduce_coalesced(agreed_grads(model.parameters(), mesh.dp_sp_group), mesh.dp_sp_group,
-                         divide_by=mesh.dp * mesh.sp)
+    check(logits.dim() >= 2 and tuple(labels.shape) == tuple(logits.shape[:-1]), ShapeError,
+          f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} without the vocabulary dim: "
+          f"shard the shifted labels like the ids")
+    labels = labels.to(logits.device)
+    ce = vocab_parallel_cross_entropy(logits, labels, group=mesh.tp_group, ignore_index=ignore_index)
+    local_sum = ce.sum()
+    stats = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
+    reduce_in_place(stats, mesh.dp_sp_group)
+    tokens = stats[1]
+    count = tokens.clamp(min=1)
+    loss = local_sum * (mesh.dp * mesh.sp / count).to(local_sum.dtype)
+    return LossOutput(loss=loss, value=stats[0] / count, tokens=tokens)

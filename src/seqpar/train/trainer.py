@@ -12,22 +12,23 @@ import dataclasses
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from ..core import layout as layout_mod
 from ..core.configs import get_config
-from .data import make_data
 from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
 from ..core.mesh import Mesh, init
 from ..models import LlamaForCausalLM
 from ..tp._base import skip_init
 from ..tp.cross_entropy import vocab_parallel_argmax
-from .loss import IGNORE, causal_lm_loss, sync_gradients
+from .data import make_data
+from .grads import clip_grad_norm, sync_gradients
+from .loss import IGNORE, causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -64,7 +65,7 @@ class TrainConfig:
     timeout: float = 600.0  # seconds a collective may wait before the run fails (when seqpar starts the group)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         check(not unknown, ConfigError, f"unknown config keys {unknown}: known keys are {sorted(names)}")
@@ -77,7 +78,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         """Read a ``.toml`` or ``.yaml``/``.yml`` file."""
         path = Path(path)
         check(path.is_file(), ConfigError, f"config file {str(path)!r} does not exist")
@@ -165,10 +166,10 @@ def _step(model, opt, data, cfg: TrainConfig, mesh: Mesh, step: int, device) -> 
     out.loss.backward()
     sync_gradients(model, mesh)
     if cfg.grad_clip:
-        _clip(model, mesh, cfg.grad_clip)
+        clip_grad_norm(model, cfg.grad_clip, mesh)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out.value
+    return float(out.value)
 
 
 def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
@@ -233,20 +234,3 @@ def _gather_mem(device: str) -> list[float]:
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(out, mine)
     return [t.item() for t in out]
-
-
-def _clip(model: LlamaForCausalLM, mesh: Mesh, max_norm: float) -> None:
-    """Clip by the global gradient norm: shards over tp add up, replicated parameters count once."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        s = p.grad.detach().double().pow(2).sum().cpu()
-        sq += s if getattr(p, "tensor_parallel", False) else s / mesh.tp
-    if mesh.tp_group is not None:
-        dist.all_reduce(sq, group=mesh.tp_group)
-    norm = sq.sqrt().item()
-    if norm > max_norm:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))

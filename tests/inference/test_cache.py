@@ -46,9 +46,9 @@ def test_rollback_undoes_the_appends_of_a_failed_step():
                     num_layers=2, batch=2)
     cache.layers = [LayerCache(*_kv(4, g)), LayerCache(*_kv(4, g))]
     before = [layer.k.clone() for layer in cache.layers]
-    cache._begin_step()
+    cache.begin()
     cache.layers[0].append(*_kv(1, g))  # the step failed before layer 1 appended
-    cache._rollback()
+    cache.rollback()
     assert [layer.len for layer in cache.layers] == [4, 4]
     assert all(torch.equal(layer.k, b) for layer, b in zip(cache.layers, before))
 
@@ -57,8 +57,8 @@ def test_positions_and_their_tail():
     cache = KVCache(mesh=Mesh(), rank=0, n=1, lengths=[3], positions=torch.tensor([0, 5, 6]), prompt_len=7,
                     num_layers=1, batch=1)
     assert cache.ordered
-    cache._commit(0, 7)
-    cache._commit(0, 8)
+    cache.commit(0, 7)
+    cache.commit(0, 8)
     assert cache.positions.tolist() == [0, 5, 6, 7, 8]
     assert [cache.tail_positions(n).tolist() for n in (0, 1, 3, 5)] == [[], [8], [6, 7, 8], [0, 5, 6, 7, 8]]
     assert not KVCache(mesh=Mesh(), rank=0, n=1, lengths=[2], positions=torch.tensor([3, 1]), prompt_len=4,

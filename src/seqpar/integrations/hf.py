@@ -381,6 +381,10 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
 
 
 def __getattr__(name: str):
+    if name in ("Trainer", "SFTTrainer", "SeqParTrainerMixin"):  # loaded on first use: transformers.Trainer, trl
+        from . import hf_trainer
+
+        return getattr(hf_trainer, name)
     if name == "attention_forward":
         _RENAMED[name] = ("hf_attention", hf_attention)
     if name in _RENAMED:

@@ -170,6 +170,9 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     step = kwargs.get(CACHE_KEY)  # seqpar.inference's prefill or decode step, None in training
     # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q (RoPE'd in fp32), k, v alike
+        dtype = torch.get_autocast_dtype(query.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if step is not None and step.decoding:
         check(causal, ConfigError, f"{s.name}: decoding needs a causal LM (this attention has is_causal=False)")
         s.calls += 1

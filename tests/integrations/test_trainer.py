@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="4.53",
                                    reason="needs transformers>=4.53 (pip install transformers)")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install accelerate)")
 
+import seqpar  # noqa: E402
 from seqpar.core.errors import ConfigError  # noqa: E402
 from seqpar.launch.pool import WorkerError  # noqa: E402
 from tests.integrations import trainer_cases as tc  # noqa: E402
@@ -112,3 +113,133 @@ def test_mixed_precision_one_process(tmp_path):
     ref = tc.stock_run("llama", "packed", 4, str(tmp_path / "stock"), args_kw={"bf16": True})
     got = tc.train_and_predict(Trainer, "llama", "packed", 4, str(tmp_path / "sp"), args_kw={"bf16": True})
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-2)
+
+
+# ---- what cannot run exactly is refused, with the fix in the message ----
+
+@pytest.mark.parametrize("case", ["cpu-without-use_cpu", "different-batches"])
+def test_refused_on_every_rank(pool, tmp_path, case):
+    with pytest.raises(WorkerError) as e:
+        pool(2).run(tc.refused_on_every_rank, case, str(tmp_path))
+    assert set(e.value.failures) == {0, 1}
+    assert all(f.type_name == "ConfigError" for f in e.value.failures.values())
+    assert ("use_cpu=True" if case == "cpu-without-use_cpu" else "different batches") in e.value.failures[0].message
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"args_kw": {"label_smoothing_factor": 0.1}}, "label_smoothing_factor"),
+    ({"compute_loss_func": lambda *a, **k: 0.0}, "compute_loss_func"),
+    ({"args_kw": {"torch_compile": True}}, "torch_compile"),
+    ({"env": {"ACCELERATE_USE_FSDP": "true"}}, "FSDP"),
+    ({"sp": 1, "mesh": "one process"}, "either mesh= or sp="),  # (DeepSpeed: TrainingArguments needs it installed)
+    ({"strategy": "rign"}, "unknown strategy"),
+    ({"ulysses": 2}, "ulysses"),
+])
+def test_unsupported_settings_are_refused(tmp_path, monkeypatch, setting, message):
+    from seqpar.integrations.hf import Trainer
+
+    setting = dict(setting)
+    for k, v in setting.pop("env", {}).items():
+        monkeypatch.setenv(k, v)
+    args = tc.training_args(str(tmp_path), 2, **setting.pop("args_kw", {}))
+    if "mesh" in setting:
+        setting["mesh"] = seqpar.Mesh()
+    with pytest.raises(ConfigError, match=message):
+        Trainer(model=tc.tiny_model(), args=args, train_dataset=tc.documents(), data_collator=tc.collator("packed"),
+                **setting)
+
+
+def test_batch_without_labels_is_refused(tmp_path):
+    from seqpar.integrations.hf import Trainer
+
+    trainer = Trainer(model=tc.tiny_model(), args=tc.training_args(str(tmp_path), 2), train_dataset=tc.documents())
+    batch = {"input_ids": torch.randint(3, tc.VOCAB, (2, 8))}
+    with pytest.raises(ConfigError, match="labels"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+# ---- collated batches -> shard_batch's form (no communication) ----
+
+def test_right_padding_is_dropped_and_left_padding_refused():
+    from seqpar.integrations._hf_trainer_batch import count_targets, sequence_batch
+
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    seq = sequence_batch({"input_ids": ids, "labels": ids.clone(), "attention_mask": mask,
+                          "position_ids": torch.tensor([[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]])})
+    assert "attention_mask" not in seq.tensors and not seq.flattened
+    assert seq.tensors["labels"][0].tolist() == [5, 6, 7, -100, -100]
+    assert seq.tensors["position_ids"][0].tolist() == [0, 1, 2, 3, 4]  # padding continues its row: no new document
+    assert int(count_targets(seq)) == 2 + 4 and int(seq.real_tokens) == 8
+    with pytest.raises(ConfigError, match="left-padded"):
+        sequence_batch({"input_ids": ids.flip(1), "attention_mask": mask.flip(1)})
+
+
+def test_packed_batches_become_documents():
+    from seqpar.integrations._hf_batch import cu_seqlens_from_position_ids
+    from seqpar.integrations._hf_trainer_batch import count_targets, sequence_batch
+
+    # HF's flash-attention keywords alone give the documents; with position_ids they must agree
+    ids = torch.arange(3, 12).unsqueeze(0)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    seq = sequence_batch({"input_ids": ids, "labels": ids, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                          "max_length_q": 5, "max_length_k": 5, "seq_idx": torch.zeros(1, 9, dtype=torch.int32)})
+    assert set(seq.tensors) == {"input_ids", "labels", "position_ids"}
+    assert cu_seqlens_from_position_ids(seq.tensors["position_ids"]) == [0, 4, 9]
+    assert int(count_targets(seq)) == 3 + 4  # the last token of each document has no target
+    with pytest.raises(ConfigError, match="disagree"):
+        sequence_batch({"input_ids": ids, "cu_seq_lens_q": cu, "position_ids": torch.arange(9).unsqueeze(0)})
+    # rows packed differently are laid end to end, and per-token outputs go back per row
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])
+    seq = sequence_batch({"input_ids": torch.arange(12).view(2, 6), "position_ids": pos})
+    assert seq.flattened and cu_seqlens_from_position_ids(seq.tensors["position_ids"]) == [0, 3, 6, 8, 12]
+    assert torch.equal(seq.rows(seq.tensors["input_ids"].unsqueeze(-1))[..., 0], torch.arange(12).view(2, 6))
+    with pytest.raises(ConfigError, match="continues"):
+        sequence_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long),
+                        "position_ids": torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]])})
+    with pytest.raises(ConfigError, match="cannot shard"):
+        sequence_batch({"input_ids": ids, "token_type_ids": ids})
+    with pytest.raises(ConfigError, match="shift_labels"):
+        sequence_batch({"input_ids": ids, "shift_labels": ids})
+
+
+# ---- the example under real launchers: torchrun and accelerate launch (2 processes, gloo) ----
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_example_under_launcher(tmp_path, launcher):
+    """examples/hf_trainer.py, 2 ranks sharing every sequence (sp = 2), equals the stock Trainer on one process.
+    accelerate launch --multi_gpu starts its ranks through torchrun on CPU too (--cpu alone runs one process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import EXAMPLES, example
+
+    bin_dir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    else:
+        pytest.importorskip("accelerate")
+        cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    out_dir = tmp_path / "out"
+    flags = ["--sp", "2", "--steps", "2", "--batch", "2", "--output-dir", str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(seqpar.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([*cmd, str(EXAMPLES / "hf_trainer.py"), *flags], capture_output=True, text=True,
+                         timeout=400, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Mesh(dp=1, sp=2" in run.stdout
+    got = json.loads((out_dir / "losses.json").read_text())
+    ref = example("hf_trainer").reference(1, steps=2, batch=2, output_dir=str(tmp_path / "ref"))
+    assert got == pytest.approx(ref, rel=RTOL)

@@ -177,3 +177,20 @@ def seqpar_sft(batch: int, out: str, degrees: dict, strategy: str):
 
     res = sft_run(SFTTrainer, batch, out, strategy=strategy, **degrees)
     return res if dist.get_rank() == 0 else None
+
+
+def refused_on_every_rank(case: str, out: str):
+    """Worker: a misconfigured Trainer raises ConfigError on every rank (before the model communicates)."""
+    import torch.distributed as dist
+
+    from seqpar.integrations.hf import Trainer
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if case == "cpu-without-use_cpu":
+        args = training_args(out, 2, use_cpu=False)
+        Trainer(model=tiny_model(), args=args, train_dataset=documents(), data_collator=collator("packed"), sp=2)
+    elif case == "different-batches":  # an unseeded pipeline: each rank of the sp group reads other samples
+        trainer = Trainer(model=tiny_model(), args=training_args(out, 2), train_dataset=documents(seed=dist.get_rank()),
+                          data_collator=collator("packed"), sp=2)
+        trainer.train()
+    return "not refused"

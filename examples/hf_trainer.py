@@ -1,7 +1,7 @@
 """Fine-tune a tiny Hugging Face Llama with the seqpar Trainer: ``transformers.Trainer`` plus ``sp=``.
 
     torchrun --nproc-per-node 4 examples/hf_trainer.py --sp 2       # dp = world / sp = 2, GPUs (nccl) or CPU
-    accelerate launch --cpu --num_processes 4 examples/hf_trainer.py --sp 2
+    accelerate launch --multi_gpu --num_processes 4 examples/hf_trainer.py --sp 2   # also on CPU (torchrun inside)
     python examples/hf_trainer.py --nproc 4 --sp 2 --check          # local CPU ranks, checked against the stock
                                                                     # Trainer on one process (same global batches)
 
@@ -53,25 +53,24 @@ def documents(n: int, seed: int = 0, min_len: int = 8, max_len: int = 96) -> lis
     return out
 
 
-def training_args(output_dir: str, batch: int, steps: int, lr: float, grad_accum: int = 1, checkpointing: bool = False):
+def training_args(output_dir: str, batch: int, steps: int, lr: float, grad_accum: int = 1):
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=grad_accum,
-        gradient_checkpointing=checkpointing, max_steps=steps, learning_rate=lr, warmup_steps=0, logging_steps=1,
+        max_steps=steps, learning_rate=lr, warmup_steps=0, logging_steps=1,
         save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available())  # transformers trains distributed on CPU only with use_cpu=True
 
 
 def train(sp: int = 2, ulysses: int | None = None, strategy: str = "ring", steps: int = 10, batch: int = 4,
-          docs: int = 256, lr: float = 3e-3, output_dir: str = "hf_trainer_out", grad_accum: int = 1,
-          checkpointing: bool = False) -> list[float]:
+          docs: int = 256, lr: float = 3e-3, output_dir: str = "hf_trainer_out", grad_accum: int = 1) -> list[float]:
     """Train on this rank (under torchrun / accelerate launch, or a local pool); the logged loss of every step."""
     from transformers import DataCollatorWithFlattening
 
     from seqpar.integrations.hf import Trainer  # the one changed line: `from transformers import Trainer`
 
-    trainer = Trainer(model=tiny_llama(), args=training_args(output_dir, batch, steps, lr, grad_accum, checkpointing),
+    trainer = Trainer(model=tiny_llama(), args=training_args(output_dir, batch, steps, lr, grad_accum),
                       train_dataset=documents(docs), data_collator=DataCollatorWithFlattening(),
                       sp=sp, ulysses=ulysses, strategy=strategy)  # ... and these three keywords
     trainer.train()

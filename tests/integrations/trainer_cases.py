@@ -95,7 +95,8 @@ def train_and_predict(trainer_cls, arch: str, kind: str, batch: int, out: str, *
     init = weights(model)
     recorder = LogRecorder()
     args = training_args(out, batch, ga=ga, gc=gc, steps=steps, eval_batch=eval_batch, **(args_kw or {}))
-    trainer = trainer_cls(model=model, args=args, train_dataset=documents(), data_collator=collator(kind), callbacks=[recorder], **extra)
+    trainer = trainer_cls(model=model, args=args, train_dataset=documents(), data_collator=collator(kind),
+                          callbacks=[recorder], **extra)
     trainer.train()
     result = {"losses": losses(trainer), "update": {k: v - init[k] for k, v in weights(model).items()},
               "logged": [r["loss"] for r in recorder.logs if "loss" in r],

@@ -105,6 +105,17 @@ def test_sft_trainer_with_packing(pool, tmp_path):
         assert a == pytest.approx(b, rel=RTOL, abs=1e-7)
 
 
+def test_model_init_is_prepared(tmp_path):
+    """A model from model_init (built inside Trainer.__init__ and again by train()) runs seqpar attention too."""
+    from seqpar.integrations.hf import Trainer
+
+    trainer = Trainer(model_init=lambda: tc.tiny_model(), args=tc.training_args(str(tmp_path), 4, steps=1),
+                      train_dataset=tc.documents(), data_collator=tc.collator("packed"))
+    assert trainer.model.config._attn_implementation == "seqpar"
+    trainer.train()
+    assert trainer.model.config._attn_implementation == "seqpar" and len(tc.losses(trainer)) == 1
+
+
 def test_mixed_precision_one_process(tmp_path):
     """bf16 autocast (the usual GPU setting; CPU autocast here): seqpar attention takes q, k, v in the autocast
     dtype as SDPA does (RoPE leaves q and k in float32), and trains like the stock Trainer within bf16 precision."""

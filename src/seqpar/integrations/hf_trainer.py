@@ -28,7 +28,10 @@ How each part of the Trainer is made exact on the ``dp x sp`` mesh:
   (:func:`~seqpar.integrations._hf_trainer_batch.sequence_batch`: right padding dropped,
   documents from ``position_ids`` / ``cu_seq_lens``), then sharded by
   :func:`~seqpar.integrations.hf.shard_batch` (labels shifted per document *before* sharding, so
-  documents never see each other on any rank and none loses a target at a shard edge).
+  documents never see each other on any rank and none loses a target at a shard edge).  The
+  last token of a document gets no target: HF's collators already mask the first label of each
+  document; a packed batch whose labels do not would have the stock model predict the next
+  document's first token, which seqpar does not.
 * **Loss**: :func:`seqpar.train.causal_lm_loss` in :meth:`SeqParTrainerMixin.forward_and_loss`,
   rescaled to HF's ``num_items_in_batch`` (targets over the whole accumulation window and every
   dp rank), so the update is the global token mean exactly as the stock Trainer's.
@@ -58,7 +61,7 @@ Tested with transformers 5.24, accelerate 1.16 and trl 1.16.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -164,8 +167,8 @@ class SeqParTrainerMixin:
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         check(acc.num_processes == max(world, env_world), ConfigError,
               f"this process is one of {max(world, env_world)} ranks but the Trainer runs as {acc.num_processes} "
-              f"(on CPU, transformers only trains distributed with TrainingArguments(use_cpu=True)): pass "
-              f"use_cpu=True, or launch with accelerate launch --cpu")
+              f"(on CPU, transformers only trains distributed with use_cpu=True): pass TrainingArguments(use_cpu=True) "
+              f"or set ACCELERATE_USE_CPU=1")
         check(getattr(args, "n_gpu", 1) <= 1, ConfigError,
               f"{args.n_gpu} GPUs in one process would run nn.DataParallel: launch one process per GPU "
               f"(torchrun --nproc-per-node N, or accelerate launch)")
@@ -261,8 +264,8 @@ class SeqParTrainerMixin:
         check(inputs.get("labels") is not None, ConfigError,
               "the seqpar Trainer trains causal LMs from labels: the collator must return labels (e.g. "
               "DataCollatorForLanguageModeling(mlm=False) or DataCollatorWithFlattening)")
-        _, _, out, lo = self._forward(model, inputs)
-        assert lo is not None
+        _, _, out, maybe = self._forward(model, inputs)
+        lo = cast(LossOutput, maybe)  # labels were given
         loss = lo.loss
         share = lo.value
         if num_items_in_batch is not None:
@@ -277,9 +280,11 @@ class SeqParTrainerMixin:
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """HF's step (forward, backward); returns this micro-batch's share of the *global* loss (every rank)."""
-        super().training_step(*args, **kwargs)  # type: ignore[misc]
-        assert self._micro_loss is not None
-        return self._micro_loss.to(device=self.args.device, dtype=torch.float32)  # type: ignore[attr-defined]
+        self._micro_loss = None
+        local = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        if self._micro_loss is None:  # a subclass computed its own loss: HF's (this rank's) value
+            return local
+        return self._micro_loss.to(device=self.args.device, dtype=torch.float32)
 
     # ---- evaluation and prediction -----------------------------------------------------------
 

@@ -40,7 +40,7 @@ def _rate(per_s: float) -> str:
 
 def describe(info: dict) -> str:
     """``loss 2.3101  12.3k tok/s  peak mem 120 MB`` from a step record (the fields it has)."""
-    parts = []
+    parts = [str(info["what"])] if info.get("what") else []
     if info.get("loss") is not None:
         parts.append(f"loss {info['loss']:.4f}")
     if info.get("tokens_per_s") is not None:
@@ -99,7 +99,7 @@ class Progress:
         """One more unit done (``info["step"]`` in all)."""
         done = int(info["step"])
         self._seen(done)
-        self._figures.update({k: v for k, v in info.items() if k in ("loss", "tokens_per_s", "peak_mem_mb")})
+        self._figures.update({k: v for k, v in info.items() if k in ("what", "loss", "tokens_per_s", "peak_mem_mb")})
         if self._bar is not None:
             self._bar.update(self._task, completed=done, figures=describe(self._figures))
 

@@ -65,12 +65,13 @@ class RecallTask:
 class LookupTask:
     """Key lookup across a long sequence: facts planted anywhere, questions at the very end.
 
-    ``[filler ... (k1,v1) ... filler ... (k2,v2) ... filler] [SEP] [q1 a1 q2 a2 ... qP aP]``: each fact
+    ``[filler ... (k1,v1) ... filler ... (k2,v2) ... filler] [SEP] [q1 a1 q2 a2 ... qQ aQ]``: each fact
     is one token standing for a (key, value) pair, planted at a random position of the whole context
-    (so, split over ranks, on any rank's shard); each question is a key, and the loss is on its value.
-    Keys are distinct within a sequence.  One attention layer can learn it (the question's query
-    matches the facts holding its key, their value is copied), so a small model reaches high accuracy
-    in few steps; without attention across the whole sequence it stays at chance (1 / values).
+    (split over ranks, on any rank's shard: with the zigzag layout rank 0 holds both ends of the
+    sequence, the facts lie mostly elsewhere); each question is the key of one of the facts, drawn
+    at random, and the loss is on its value.  Keys are distinct within a sequence.  One attention
+    layer can learn it (a question's query matches the fact holding its key, whose value is copied);
+    without attention over the whole sequence it stays at chance (1 / values).
     Tokens: 0 filler, 1 SEP, ``keys`` question tokens, ``values`` answer tokens, ``keys x values`` facts.
     """
 
@@ -79,13 +80,15 @@ class LookupTask:
     pairs: int = 4
     keys: int = 8
     values: int = 16
+    questions: int = 0  # 0: one per fact
     seed: int = 0
 
     def __post_init__(self):
+        self.questions = self.questions or self.pairs
         need = 2 + self.keys + self.values + self.keys * self.values
-        check(self.pairs >= 1 and self.keys >= 1 and self.values >= 2, ConfigError,
-              f"lookup task: pairs={self.pairs}, keys={self.keys}, values={self.values}: pairs and keys must be "
-              f">= 1 and values >= 2")
+        check(self.pairs >= 1 and self.keys >= 1 and self.values >= 2 and self.questions >= 1, ConfigError,
+              f"lookup task: pairs={self.pairs}, keys={self.keys}, values={self.values}, questions={self.questions}: "
+              f"pairs, keys and questions must be >= 1 and values >= 2")
         check(need <= self.vocab_size, ConfigError,
               f"lookup task: {self.keys} keys x {self.values} values need a vocabulary of {need} tokens "
               f"(2 + keys + values + keys x values) but vocab_size={self.vocab_size}: raise vocab_size or lower "
@@ -93,26 +96,26 @@ class LookupTask:
         check(self.pairs <= self.keys, ConfigError,
               f"lookup task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: "
               f"lower pairs or raise keys")
-        check(3 * self.pairs + 1 <= self.seq_len, ConfigError,
-              f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts and their questions "
-              f"({3 * self.pairs + 1} tokens): raise seq_len or lower pairs")
+        check(self.pairs + 2 * self.questions + 1 <= self.seq_len, ConfigError,
+              f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts and {self.questions} questions "
+              f"({self.pairs + 2 * self.questions + 1} tokens): raise seq_len or lower pairs / questions")
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        p, nk, nv, s = self.pairs, self.keys, self.values, self.seq_len
-        context = s - 2 * p - 1
+        p, q, nk, nv, s = self.pairs, self.questions, self.keys, self.values, self.seq_len
+        context = s - 2 * q - 1
         keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(batch_size)])
         vals = torch.randint(0, nv, (batch_size, p), generator=g)
         where = torch.stack([torch.randperm(context, generator=g)[:p] for _ in range(batch_size)])
-        order = torch.stack([torch.randperm(p, generator=g) for _ in range(batch_size)])
+        asked = torch.randint(0, p, (batch_size, q), generator=g)
         ids = torch.zeros(batch_size, s, dtype=torch.long)
         ids.scatter_(1, where, 2 + nk + nv + keys * nv + vals)
         ids[:, context] = 1
-        ids[:, context + 1::2] = 2 + keys.gather(1, order)
-        ids[:, context + 2::2] = 2 + nk + vals.gather(1, order)
+        ids[:, context + 1::2] = 2 + keys.gather(1, asked)
+        ids[:, context + 2::2] = 2 + nk + vals.gather(1, asked)
         labels = torch.full_like(ids, IGNORE)
-        labels[:, context + 1::2] = 2 + nk + vals.gather(1, order)  # at each question, its value
+        labels[:, context + 1::2] = 2 + nk + vals.gather(1, asked)  # at each question, its value
         return ids, labels
 
 
@@ -146,7 +149,7 @@ class TokenFile:
 
 
 #: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
-DATA_KEYS: dict[str, tuple[str, ...]] = {"recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values"),
+DATA_KEYS: dict[str, tuple[str, ...]] = {"recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions"),
                                          "tokens": ("kind", "path", "dtype")}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
@@ -174,7 +177,7 @@ def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
         return RecallTask(vocab_size, seq_len, _int(spec, "pairs", 8), seed)
     if kind == "lookup":
         return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
-                          _int(spec, "values", 16), seed)
+                          _int(spec, "values", 16), _int(spec, "questions", 0), seed)
     check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
     dtype = spec.get("dtype", "uint16")
     check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")

@@ -110,19 +110,6 @@ def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
         load(path, model, opt)
 
 
-def test_demo_command(capsys):
-    assert main(["demo", "--nproc", "2", "--steps", "3", "--seq-len", "64", "--micro-batch", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "the sequence-parallel run equals one process" in out and "one process" in out
-
-
-def test_demo_rejects_bad_degrees(capsys):
-    assert main(["demo", "--nproc", "3", "--tp", "2"]) == 2
-    assert "--nproc 3 is not divisible by --tp 2" in capsys.readouterr().err
-    assert main(["demo", "--nproc", "4", "--seq-len", "100"]) == 2
-    assert "must be a multiple of 8" in capsys.readouterr().err
-
-
 def test_train_command_under_torchrun(tmp_path):
     # ulysses = 2: the degrees are checked against torchrun's world (2), not the 1 seen before the group exists
     cfg = tmp_path / "run.toml"

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["Progress", "is_live", "fail", "describe"]
+__all__ = ["Progress", "is_live", "fail", "describe", "mesh_rank", "peak_mem_mb"]
 
 
 def is_live(stream: TextIO | None = None) -> bool:
@@ -143,3 +143,21 @@ def fail(command: str, error: BaseException | str, *, quiet: bool = False, rank:
         where = f" (rank {rank})" if rank is not None else ""
         print(f"seqpar {command}: error{where}: {error}", file=sys.stderr, flush=True)
     return 2
+
+
+def mesh_rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def peak_mem_mb(device_type: str = "cpu") -> float:
+    """Peak memory of this process in MiB: CUDA's peak allocation on a GPU, else the peak resident set."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

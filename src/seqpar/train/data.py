@@ -81,14 +81,15 @@ class LookupTask:
     keys: int = 8
     values: int = 16
     questions: int = 0  # 0: one per fact
+    repeat: int = 1  # copies of each fact, side by side (a needle of `repeat` tokens)
     seed: int = 0
 
     def __post_init__(self):
         self.questions = self.questions or self.pairs
         need = 2 + self.keys + self.values + self.keys * self.values
-        check(self.pairs >= 1 and self.keys >= 1 and self.values >= 2 and self.questions >= 1, ConfigError,
-              f"lookup task: pairs={self.pairs}, keys={self.keys}, values={self.values}, questions={self.questions}: "
-              f"pairs, keys and questions must be >= 1 and values >= 2")
+        for name, low in (("pairs", 1), ("keys", 1), ("values", 2), ("questions", 1)):
+            value = getattr(self, name)
+            check(value >= low, ConfigError, f"lookup task: {name}={value} must be >= {low}")
         check(need <= self.vocab_size, ConfigError,
               f"lookup task: {self.keys} keys x {self.values} values need a vocabulary of {need} tokens "
               f"(2 + keys + values + keys x values) but vocab_size={self.vocab_size}: raise vocab_size or lower "
@@ -96,9 +97,11 @@ class LookupTask:
         check(self.pairs <= self.keys, ConfigError,
               f"lookup task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: "
               f"lower pairs or raise keys")
-        check(self.pairs + 2 * self.questions + 1 <= self.seq_len, ConfigError,
-              f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts and {self.questions} questions "
-              f"({self.pairs + 2 * self.questions + 1} tokens): raise seq_len or lower pairs / questions")
+        check(self.repeat >= 1, ConfigError, f"lookup task: repeat={self.repeat} must be >= 1")
+        need = self.pairs * self.repeat + 2 * self.questions + 1
+        check(need <= self.seq_len, ConfigError,
+              f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts x {self.repeat} copies and "
+              f"{self.questions} questions ({need} tokens): raise seq_len or lower pairs / repeat / questions")
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
@@ -107,10 +110,12 @@ class LookupTask:
         context = s - 2 * q - 1
         keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(batch_size)])
         vals = torch.randint(0, nv, (batch_size, p), generator=g)
-        where = torch.stack([torch.randperm(context, generator=g)[:p] for _ in range(batch_size)])
+        r = self.repeat
+        slots = torch.stack([torch.randperm(context // r, generator=g)[:p] for _ in range(batch_size)])
+        where = (slots * r).repeat_interleave(r, 1) + torch.arange(r).repeat(p)  # each fact's r positions
         asked = torch.randint(0, p, (batch_size, q), generator=g)
         ids = torch.zeros(batch_size, s, dtype=torch.long)
-        ids.scatter_(1, where, 2 + nk + nv + keys * nv + vals)
+        ids.scatter_(1, where, (2 + nk + nv + keys * nv + vals).repeat_interleave(r, 1))
         ids[:, context] = 1
         ids[:, context + 1::2] = 2 + keys.gather(1, asked)
         ids[:, context + 2::2] = 2 + nk + vals.gather(1, asked)
@@ -149,8 +154,9 @@ class TokenFile:
 
 
 #: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
-DATA_KEYS: dict[str, tuple[str, ...]] = {"recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions"),
-                                         "tokens": ("kind", "path", "dtype")}
+DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat"),
+    "tokens": ("kind", "path", "dtype")}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
@@ -177,7 +183,7 @@ def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
         return RecallTask(vocab_size, seq_len, _int(spec, "pairs", 8), seed)
     if kind == "lookup":
         return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
-                          _int(spec, "values", 16), _int(spec, "questions", 0), seed)
+                          _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1), seed)
     check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
     dtype = spec.get("dtype", "uint16")
     check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")

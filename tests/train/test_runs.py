@@ -133,15 +133,17 @@ def test_the_world_size_comes_from_torchrun_before_the_process_group(monkeypatch
 
 
 def test_lookup_task_needs_the_whole_context():
-    task = LookupTask(vocab_size=154, seq_len=4096, pairs=4, keys=8, values=16, seed=0)
+    task = LookupTask(vocab_size=154, seq_len=4096, pairs=4, keys=8, values=16, questions=64, repeat=8, seed=0)
     ids, labels = task.batch(0, 8)
     facts = ids >= 2 + 8 + 16
-    assert ids.shape == (8, 4096) and int(facts.sum()) == 8 * 4
+    assert ids.shape == (8, 4096) and int(facts.sum()) == 8 * 4 * 8
     where = facts.nonzero()[:, 1]
     assert where.min() < 1024 and where.max() > 2048  # planted all over the context, not next to the questions
     answered = labels != -100
-    assert int(answered.sum()) == 8 * 4 and bool((answered.nonzero()[:, 1] > 4096 - 10).all())
+    assert int(answered.sum()) == 8 * 64 and bool((answered.nonzero()[:, 1] >= 4096 - 64).all())
+    assert not bool(((ids >= 10) & (ids < 26)).any())  # no answer (value token) is ever in the input
     for b in range(8):  # every question's answer is the value of the fact holding its key
         fact = {(int(t) - 26) // 16: (int(t) - 26) % 16 for t in ids[b][facts[b]]}
+        assert len(fact) == 4
         for pos in answered[b].nonzero()[:, 0]:
             assert int(labels[b, pos]) - 10 == fact[int(ids[b, pos]) - 2]

@@ -104,7 +104,7 @@ def _usp_degree(ns: argparse.Namespace, world: int) -> tuple[int | None, str]:
 
 def plan_cases(ns: argparse.Namespace, world: int) -> list[tuple[str, int | None, str]]:
     """``(strategy, ulysses degree or None, skip reason or "")`` for every strategy at ``world`` ranks."""
-    out = []
+    out: list[tuple[str, int | None, str]] = []
     for s in ns.strategies:
         too_big = _too_big(s, ns, world)
         if too_big:
@@ -291,7 +291,7 @@ def _run_all(ns, spec, worlds, runner, progress: Progress | None = None) -> tupl
     baseline.pop("lse")  # SDPA gives no lse: its tolerance is the floor alone
     tol = tolerance(spec, ref, baseline)
     errs: dict = {}
-    rows = []
+    rows: list[tuple] = []
     for strategy, world, u, res, why in runs:
         if res is None:
             rows.append((strategy, world, u, None, why))

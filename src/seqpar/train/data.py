@@ -65,13 +65,15 @@ class RecallTask:
 class LookupTask:
     """Key lookup across a long sequence: facts planted anywhere, questions at the very end.
 
-    ``[filler ... (k1,v1) ... filler ... (k2,v2) ... filler] [SEP] [q1 a1 q2 a2 ... qQ aQ]``: each fact
-    is one token standing for a (key, value) pair, planted at a random position of the whole context
-    (split over ranks, on any rank's shard: with the zigzag layout rank 0 holds both ends of the
-    sequence, the facts lie mostly elsewhere); each question is the key of one of the facts, drawn
-    at random, and the loss is on its value.  Keys are distinct within a sequence.  One attention
-    layer can learn it (a question's query matches the fact holding its key, whose value is copied);
-    without attention over the whole sequence it stays at chance (1 / values).
+    ``[filler ... (k1,v1)x r ... filler ... (k2,v2)x r ... filler] [SEP] [q1 q2 ... qQ]``: each fact is a
+    token standing for a (key, value) pair, written ``repeat`` times in a row at a random depth of the
+    whole context (split over ranks, on any rank's shard: with the zigzag layout rank 0 holds both ends
+    of the sequence, the facts lie mostly elsewhere).  Each question is the key of one of the facts,
+    and its label (at the question itself) is that fact's value.  Answers never appear in the input, so
+    a question can only be answered from the facts, however often it is asked: one sequence gives
+    ``questions`` labels, a strong signal per step.  Keys are distinct within a sequence.  One
+    attention layer can learn it (a question's query matches the fact holding its key, whose value is
+    copied); without attention over the whole sequence it stays at chance (1 / values).
     Tokens: 0 filler, 1 SEP, ``keys`` question tokens, ``values`` answer tokens, ``keys x values`` facts.
     """
 
@@ -98,7 +100,7 @@ class LookupTask:
               f"lookup task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: "
               f"lower pairs or raise keys")
         check(self.repeat >= 1, ConfigError, f"lookup task: repeat={self.repeat} must be >= 1")
-        need = self.pairs * self.repeat + 2 * self.questions + 1
+        need = self.pairs * self.repeat + self.questions + 1
         check(need <= self.seq_len, ConfigError,
               f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts x {self.repeat} copies and "
               f"{self.questions} questions ({need} tokens): raise seq_len or lower pairs / repeat / questions")
@@ -107,7 +109,7 @@ class LookupTask:
         """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         p, q, nk, nv, s = self.pairs, self.questions, self.keys, self.values, self.seq_len
-        context = s - 2 * q - 1
+        context = s - q - 1
         keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(batch_size)])
         vals = torch.randint(0, nv, (batch_size, p), generator=g)
         r = self.repeat
@@ -117,10 +119,9 @@ class LookupTask:
         ids = torch.zeros(batch_size, s, dtype=torch.long)
         ids.scatter_(1, where, (2 + nk + nv + keys * nv + vals).repeat_interleave(r, 1))
         ids[:, context] = 1
-        ids[:, context + 1::2] = 2 + keys.gather(1, asked)
-        ids[:, context + 2::2] = 2 + nk + vals.gather(1, asked)
+        ids[:, context + 1:] = 2 + keys.gather(1, asked)
         labels = torch.full_like(ids, IGNORE)
-        labels[:, context + 1::2] = 2 + nk + vals.gather(1, asked)  # at each question, its value
+        labels[:, context + 1:] = 2 + nk + vals.gather(1, asked)  # at each question, its value
         return ids, labels
 
 

@@ -43,10 +43,11 @@ def test_train_missing_config_file(capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--pairs", "0"], "pairs=0 must be >= 1"),
     (["--pairs", "9", "--keys", "4"], "9 pairs need 9 distinct keys but keys=4"),
+    (["--pairs", "2"], "2 pairs need 2 distinct keys but keys=1"),
     (["--device", "cuda"], "device = 'cuda' but this machine has no CUDA device"),
     (["--nproc", "3", "--tp", "2"], "--nproc 3 is not divisible by --tp 2"),
     (["--strategy", "usp"], "--strategy usp needs 1 < --ulysses < 4"),
-    (["--seq-len", "40", "--repeat", "32"], "seq_len=40 cannot hold 4 facts x 32 copies"),
+    (["--seq-len", "40", "--repeat", "32", "--pairs", "4", "--keys", "4"], "seq_len=40 cannot hold 4 facts x 32 copies"),
 ])
 def test_demo_bad_flags(capsys, monkeypatch, flags, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

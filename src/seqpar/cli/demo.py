@@ -36,11 +36,13 @@ def _config(ns: argparse.Namespace, single: bool, dtype: str | None = None) -> d
     heads = 4
     return {"model": {"hidden_size": ns.hidden, "num_attention_heads": heads, "num_key_value_heads": 2,
                       "num_hidden_layers": 2, "intermediate_size": 2 * ns.hidden,
-                      "vocab_size": 2 + keys + values + keys * values, "rope_theta": 1e6},
+                      "vocab_size": 2 + keys + values + keys * values, "rope_theta": 1e6,
+                      "tie_word_embeddings": True},  # the answer is a copy of the planted token
             "strategy": "ring" if single else ns.strategy, "tp": 1 if single else ns.tp,
             "ulysses": 1 if single else ns.ulysses, "seq_len": ns.seq_len, "micro_batch": ns.micro_batch,
             "steps": ns.steps, "lr": ns.lr, "warmup": min(10, ns.steps),
-            "data": {"kind": "lookup", "pairs": ns.pairs, "keys": keys, "values": values, "repeat": ns.repeat},
+            "data": {"kind": "lookup", "pairs": ns.pairs, "keys": keys, "values": values, "repeat": ns.repeat,
+                     "questions": ns.questions, "answer": "fact"},
             "device": ns.device, "dtype": dtype or ns.dtype, "eval_batches": 4,
             "log_every": max(1, ns.steps // 20), "seed": ns.seed}
 
@@ -73,11 +75,21 @@ def demo_worker(cfg_dict: dict, progress: bool) -> tuple:
             bar.step(info)
 
     try:
-        result = train(TrainConfig.from_dict(cfg_dict), log=bar.line if bar else None, on_step=on_step)
+        result = train(TrainConfig.from_dict(cfg_dict), log=_log_without_rss(bar, cfg_dict), on_step=on_step)
     finally:
         if bar:
             bar.close()
     return result, steps
+
+
+def _log_without_rss(bar: Progress | None, cfg: dict):
+    """The bar's log callback; on CPU without the trainer's peak memory, the process RSS (the demo
+    shows measured activation memory instead)."""
+    if bar is None:
+        return None
+    if cfg["device"] == "cuda":
+        return bar.line
+    return lambda info: bar.line({k: v for k, v in info.items() if k != "peak_mem_mb"})
 
 
 def _rank() -> int:
@@ -178,7 +190,8 @@ def _train_single(ns) -> tuple:
         bar.step(info)
 
     try:
-        result = train(TrainConfig.from_dict(_config(ns, True)), log=bar.line, on_step=on_step)
+        result = train(TrainConfig.from_dict(_config(ns, True)), log=_log_without_rss(bar, _config(ns, True)),
+                       on_step=on_step)
     finally:
         bar.close()
     return result, steps
@@ -302,10 +315,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per step")
-    p.add_argument("--pairs", type=int, default=4, help="facts planted per sequence")
-    p.add_argument("--keys", type=int, default=4, help="distinct keys")
-    p.add_argument("--values", type=int, default=8, help="distinct values (chance accuracy is 1/values)")
-    p.add_argument("--repeat", type=int, default=32, help="tokens of each fact (a needle of this length)")
+    p.add_argument("--pairs", type=int, default=1, help="facts planted per sequence")
+    p.add_argument("--keys", type=int, default=1, help="distinct keys")
+    p.add_argument("--values", type=int, default=16, help="distinct values (chance accuracy is 1/values)")
+    p.add_argument("--repeat", type=int, default=512, help="tokens of each fact (a needle of this length)")
+    p.add_argument("--questions", type=int, default=8, help="questions at the end of each sequence")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)

@@ -75,6 +75,8 @@ class LookupTask:
     attention layer can learn it (a question's query matches the fact holding its key, whose value is
     copied); without attention over the whole sequence it stays at chance (1 / values).
     Tokens: 0 filler, 1 SEP, ``keys`` question tokens, ``values`` answer tokens, ``keys x values`` facts.
+    ``answer="fact"`` labels a question with the fact's own token instead (a copy, which a model with
+    tied embeddings learns faster); ``keys=1`` is passkey retrieval (one fact, asked at the end).
     """
 
     vocab_size: int
@@ -84,6 +86,7 @@ class LookupTask:
     values: int = 16
     questions: int = 0  # 0: one per fact
     repeat: int = 1  # copies of each fact, side by side (a needle of `repeat` tokens)
+    answer: str = "value"  # the label: "value" (the value's token) or "fact" (the fact's own token: a copy)
     seed: int = 0
 
     def __post_init__(self):
@@ -100,6 +103,8 @@ class LookupTask:
               f"lookup task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: "
               f"lower pairs or raise keys")
         check(self.repeat >= 1, ConfigError, f"lookup task: repeat={self.repeat} must be >= 1")
+        check(self.answer in ("value", "fact"), ConfigError,
+              f"lookup task: answer={self.answer!r}: use 'value' (the value's token) or 'fact' (a copy of the fact)")
         need = self.pairs * self.repeat + self.questions + 1
         check(need <= self.seq_len, ConfigError,
               f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts x {self.repeat} copies and "
@@ -121,7 +126,10 @@ class LookupTask:
         ids[:, context] = 1
         ids[:, context + 1:] = 2 + keys.gather(1, asked)
         labels = torch.full_like(ids, IGNORE)
-        labels[:, context + 1:] = 2 + nk + vals.gather(1, asked)  # at each question, its value
+        if self.answer == "fact":  # the answer is the fact's own token, copied from where it was planted
+            labels[:, context + 1:] = 2 + nk + nv + (keys * nv + vals).gather(1, asked)
+        else:
+            labels[:, context + 1:] = 2 + nk + vals.gather(1, asked)  # at each question, its value
         return ids, labels
 
 
@@ -156,7 +164,7 @@ class TokenFile:
 
 #: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
 DATA_KEYS: dict[str, tuple[str, ...]] = {
-    "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat"),
+    "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat", "answer"),
     "tokens": ("kind", "path", "dtype")}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
@@ -184,7 +192,8 @@ def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
         return RecallTask(vocab_size, seq_len, _int(spec, "pairs", 8), seed)
     if kind == "lookup":
         return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
-                          _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1), seed)
+                          _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1),
+                          str(spec.get("answer", "value")), seed)
     check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
     dtype = spec.get("dtype", "uint16")
     check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")

@@ -28,7 +28,7 @@ from ..core.layout import LAYOUTS
 from ..core.mesh import Mesh, init
 from ..core.strategies import SP_STRATEGIES
 from ..models import LlamaForCausalLM
-from ..tp._base import skip_init
+from ..tp import skip_init
 from ..tp.cross_entropy import vocab_parallel_argmax
 from .data import make_data
 from .grads import clip_grad_norm, sync_gradients

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 import importlib
@@ -13,12 +13,17 @@ import importlib
 SUBCOMMANDS = ("demo", "train", "plan", "check", "generate")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqpar`` parser with every subcommand (the documentation's CLI reference reads it too)."""
     parser = argparse.ArgumentParser(prog="seqpar", description="Sequence parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

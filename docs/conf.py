@@ -25,13 +25,12 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
     "sphinxarg.ext",
     "sphinxcontrib.mermaid",
     "seqpar_docs",
 ]
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build", "figures/data", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "figures/data", "Thumbs.db", ".DS_Store"]
 root_doc = "index"
 
 myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
@@ -41,7 +40,6 @@ myst_fence_as_directive = ["mermaid"]  # ```mermaid renders here and on GitHub a
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": False}
-autodoc_mock_imports = ["transformers"]  # the hf integration imports it lazily anyway
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True

@@ -92,7 +92,9 @@ def config_keys(cls=None) -> list[ConfigKey]:
     comment in the source; a field with neither has an empty meaning (the tests refuse that).
     """
     if cls is None:
-        from seqpar.train import TrainConfig as cls
+        from seqpar.train import TrainConfig
+
+        cls = TrainConfig
     documented = {**_source_comments(cls), **_docstring_attributes(cls)}
     keys = []
     for f in dataclasses.fields(cls):

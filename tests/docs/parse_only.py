@@ -15,7 +15,6 @@ import ast
 import runpy
 import shlex
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +68,10 @@ def _run_target(module: str | None, script: str | None, args: list[str]) -> None
 
 
 def _extras() -> set[str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return set(data["project"].get("optional-dependencies", {}))
 

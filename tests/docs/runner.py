@@ -156,9 +156,9 @@ def run_python(block: Block, cwd: Path, pool=None) -> Result:
     name = f"_snippet_{Path(block.path).stem}_{block.line}.py"
     (cwd / name).write_text(source)
     if block.options.get("ranks"):
-        from .tasks import run_snippet
-
         from seqpar.launch import WorkerError
+
+        from .tasks import run_snippet
 
         try:
             outs = pool(block.options["ranks"]).run(run_snippet, source, str(cwd / name), str(cwd),

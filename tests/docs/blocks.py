@@ -23,7 +23,8 @@ Marker keys (:data:`KEYS`): ``ranks=N`` (Python on N local ranks, the worker poo
 ``torchrun=N`` (Python saved to a file and launched by ``torchrun --nproc-per-node N``),
 ``setup=NAME`` (Python run first, from ``tests/docs/setups.py``), ``file=NAME`` (write the block
 to NAME in the page's working directory; a later block uses it), ``output`` (the expected output of
-the block before it), ``gpu`` (needs CUDA: on CPU only its arguments are parsed), ``parse`` (only
+the block before it), ``gpu`` (needs CUDA and as many GPUs as its ``--nproc-per-node``: elsewhere
+only its arguments are parsed), ``parse`` (only
 parse the arguments, or for Python compile it and run its imports; give ``reason=``), ``skip``
 (never run; give ``reason=``), ``timeout=S``, ``reason="..."``.  An epilog line that ends with a
 comment naming GPUs (``# on GPUs``) is marked ``gpu``.

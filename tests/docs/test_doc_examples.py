@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,8 @@ def _mode(block: B.Block) -> str:
     if o.get("gpu"):
         import torch
 
-        return "run" if torch.cuda.is_available() else "parse"
+        wanted = max([int(n) for n in re.findall(r"--nproc-per-node[ =](\d+)", block.text)] or [1])
+        return "run" if torch.cuda.is_available() and torch.cuda.device_count() >= wanted else "parse"
     return "run"
 
 
@@ -188,7 +190,7 @@ def test_block(block: B.Block, pool, docs_tmp: Path) -> None:
     if mode == "xfail":
         pytest.fail(f"{block.id} was expected to fail ({known[1]}) but ran: remove its KNOWN entry")  # type: ignore
     if mode == "parse":
-        why = known[1] if known else block.options.get("reason", "needs a GPU")
+        why = known[1] if known else block.options.get("reason", "needs the GPUs it names")
         pytest.skip(f"arguments parsed, not run: {why}")
     if mode == "skip":
         pytest.skip(block.options["reason"])

@@ -52,7 +52,37 @@ MODEL_KEYS = frozenset(FIELD_NAMES) | {
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; ``seqpar train`` reads it from TOML or YAML (same keys)."""
+    """Everything a run needs; ``seqpar train`` reads it from TOML or YAML (same keys).
+
+    Attributes:
+        model: a registered name (``tiny``, ``llama3-8b``...) or a table of Hugging Face
+            ``config.json`` sizes (``hidden_size``, ``num_attention_heads``, ``num_hidden_layers``...).
+        strategy: sequence-parallel attention: ``ring``, ``ulysses``, ``allgather``, ``usp`` or ``ring_qk_av``.
+        layout: which tokens each sp rank holds: ``zigzag`` (balanced causal work), ``contiguous`` or ``stripe``.
+        tp: tensor-parallel degree (Megatron); the rest of the world is dp x sp.
+        ulysses: Ulysses degree inside sp (``strategy = "usp"``); the ring takes the rest of sp.
+        dp: data-parallel degree; unset: 1, and sp takes the whole world left after tp.
+        sequence_parallel: with ``tp > 1``, Megatron sequence parallelism (norms and residuals on sequence shards).
+        seq_len: tokens per sequence, the whole sequence (split over the sp ranks).
+        micro_batch: sequences per data-parallel rank per step.
+        steps: optimizer steps of the whole run (a resumed run continues up to it).
+        lr: peak AdamW learning rate (betas 0.9, 0.95): linear warm-up, then cosine decay to 10%.
+        warmup: steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        grad_clip: clip the global gradient norm (over every rank) to this; 0 turns clipping off.
+        data: the data table: ``{kind = "recall", pairs = 8}`` (synthetic associative recall across the
+            sequence) or ``{kind = "tokens", path = "tokens.bin", dtype = "uint16"}`` (a memory-mapped file of
+            token ids: uint16, uint32 or int32).
+        seed: seeds the weights and the data, identically at every parallel layout.
+        device: ``cpu`` or ``cuda`` (under torchrun each rank takes ``cuda:LOCAL_RANK``).
+        dtype: parameters and activations: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        checkpoint_dir: where checkpoints are written; a run resumes from the latest one there, at any layout.
+        save_every: save a checkpoint every this many steps (0: never).
+        log_every: log on rank 0 every this many steps.
+        eval_batches: batches of the token-accuracy evaluation at the end.
+        peak_tflops: per-device peak, for the MFU estimate (989 for an H100 in bf16); unset: no MFU.
+        timeout: seconds a collective may wait before the run fails (when seqpar starts the process group).
+    """
 
     model: str | dict = "tiny"
     strategy: str = "ring"

@@ -1,34 +1,248 @@
-"""Which attention work each (query rank, key rank) pair needs: closed-form or from token metadata."""
+"""Attention plans: which work each (query rank, key rank) pair needs, built once per batch and cached.
+
+A plan depends only on the layout, the number of ranks, the local length, the mask
+(causal, window) and the packing (documents and padding), never on the tensors.  It
+is made on the host the first time a layout is seen (:func:`cached_plan`) and reused
+by every later call with the same values: the L layers of a step, forward and
+backward, and the steps of a run with fixed shapes.  Everything the hot path needs
+is in it, on the device it runs on (index tensors, bias tiles, the rows a tile hides
+entirely, the cumulative lengths of varlen calls, the work counters), so attention
+never reads a tensor back to the host.
+"""
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.kernels import Task, mask_pieces
 from ..core.layout import Layout
-from ..core.masks import Task, TokenMeta, block_tasks
+from ..core.masks import TokenMeta, VarlenCall, block_tasks, varlen_calls, visible
 
-__all__ = ["LayoutPlan", "MetaPlan"]
+__all__ = ["Plan", "LayoutPlan", "MetaPlan", "DensePlan", "LocalPlan", "Block", "DeviceVarlen", "cached_plan",
+           "clear_plans"]
 
 
-class LayoutPlan:
+@dataclass
+class DeviceVarlen:
+    """A :class:`~seqpar.core.masks.VarlenCall` on a device: query/key row selections (a slice when the rows
+    are one contiguous range, else an index tensor) and the cumulative lengths per batch size."""
+
+    q_index: slice | torch.Tensor
+    k_index: slice | torch.Tensor
+    rows_q: int
+    rows_k: int
+    cu_q: list[int]
+    cu_k: list[int]
+    max_q: int
+    max_k: int
+    window: tuple[int, int]
+    device: torch.device
+    _cu: dict = field(default_factory=dict)
+
+    def cu(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 cumulative lengths of the ``batch`` copies of the sequences (batch folded into the token dim)."""
+        hit = self._cu.get(batch)
+        if hit is None:
+            def expand(cu, rows):
+                return torch.tensor([b * rows + c for b in range(batch) for c in cu[:-1]] + [batch * rows],
+                                    dtype=torch.int32, device=self.device)
+            hit = self._cu[batch] = (expand(self.cu_q, self.rows_q), expand(self.cu_k, self.rows_k))
+        return hit
+
+
+def _rows(ranges, device) -> tuple[slice | torch.Tensor, int, list[int]]:
+    """Row selection of ``ranges`` (``(start, stop)`` pairs in order), its length and cumulative lengths."""
+    cu = [0]
+    for a, b in ranges:
+        cu.append(cu[-1] + b - a)
+    if all(b0 == a1 for (_, b0), (a1, _) in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1]), cu[-1], cu
+    return torch.cat([torch.arange(a, b) for a, b in ranges]).to(device), cu[-1], cu
+
+
+def _device_varlen(call: VarlenCall, device) -> DeviceVarlen:
+    qi, tq, cu_q = _rows(call.q_rows, device)
+    ki, tk, cu_k = _rows(call.k_rows, device)
+    return DeviceVarlen(qi, ki, tq, tk, cu_q, cu_k, call.max_q, call.max_k, call.window, torch.device(device))
+
+
+@dataclass
+class Block:
+    """The work of one (query rank, key rank) pair on one device: kernel tasks (bias tiles moved to the
+    device), or, for a masked block on CUDA, variable-length calls.  Neither: nothing visible, skipped."""
+
+    tasks: list[Task]
+    calls: list[DeviceVarlen] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.tasks and not self.calls
+
+
+def _on(task: Task, device) -> Task:
+    if task.bias is None:
+        return task
+    dead = None if task.dead is None else task.dead.to(device)
+    return Task(task.q, task.k, False, 0, task.bias.to(device), dead, task.visible)
+
+
+class Plan:
+    """Base of the plans: per-pair tasks (device independent, cached) and device blocks (cached per device)."""
+
+    n = 1
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[int, int], list[Task]] = {}
+        self._blocks: dict[tuple, Block] = {}
+        self._work: dict[tuple[int, bool], tuple[int, int]] = {}
+
+    def _build_tasks(self, q_rank: int, kv_rank: int) -> list[Task]:
+        raise NotImplementedError
+
+    def _build_varlen(self, q_rank: int, kv_rank: int) -> list[VarlenCall] | None:
+        """Variable-length calls for a masked block (None: this plan has no mask beyond the closed forms)."""
+        return None
+
+    def tasks(self, q_rank: int, kv_rank: int) -> list[Task]:
+        """The kernel tasks of ``q_rank``'s queries against ``kv_rank``'s keys (empty: nothing visible)."""
+        key = (q_rank, kv_rank)
+        hit = self._tasks.get(key)
+        if hit is None:
+            hit = self._tasks[key] = self._build_tasks(q_rank, kv_rank)
+        return hit
+
+    def block(self, q_rank: int, kv_rank: int, device, fused: bool) -> Block:
+        """The device-resident work of a pair; ``fused``: masked blocks may use variable-length calls."""
+        key = (q_rank, kv_rank, str(device), fused)
+        hit = self._blocks.get(key)
+        if hit is None:
+            calls = self._build_varlen(q_rank, kv_rank) if fused else None
+            if calls is not None:
+                hit = Block([], [_device_varlen(c, device) for c in calls])
+            else:
+                hit = Block([_on(t, device) for t in self.tasks(q_rank, kv_rank)])
+            self._blocks[key] = hit
+        return hit
+
+    def work(self, q_rank: int, fused: bool = False) -> tuple[int, int]:
+        """(visible query-key pairs, forward kernel calls) of ``q_rank`` over every key rank: the counters of
+        :mod:`seqpar.stats`, from the plan."""
+        key = (q_rank, fused)
+        hit = self._work.get(key)
+        if hit is None:
+            pairs = calls = 0
+            for src in range(self.n):
+                tasks = self.tasks(q_rank, src)
+                pairs += sum(t.pairs for t in tasks)
+                varlen = self._build_varlen(q_rank, src) if fused else None
+                if varlen is not None:
+                    calls += len(varlen)
+                else:
+                    calls += sum(1 if t.bias is not None else len(mask_pieces(t.q.stop - t.q.start,
+                                                                              t.k.stop - t.k.start, t.causal,
+                                                                              t.offset)) for t in tasks)
+            hit = self._work[key] = (pairs, calls)
+        return hit
+
+
+class LayoutPlan(Plan):
     """Plain (causal or full) attention over a layout: the layout's closed-form ring tasks."""
 
     def __init__(self, layout: Layout, n: int, local: int, causal: bool):
+        super().__init__()
         self.layout, self.n, self.local, self.causal = layout, n, local, causal
 
-    def tasks(self, q_rank: int, kv_rank: int) -> list[Task]:
+    def _build_tasks(self, q_rank, kv_rank):
         return self.layout.ring_tasks(self.n, q_rank, kv_rank, self.local, self.causal)
 
 
-class MetaPlan:
-    """Masks from per-token metadata (packed documents, padding, sliding windows), cached per rank pair.
+class MetaPlan(Plan):
+    """Masks from per-token metadata (packed documents, padding, sliding windows).
 
     ``metas[r]`` describes the tokens rank ``r`` holds, in its local order.
     """
 
     def __init__(self, metas: list[TokenMeta], causal: bool, window=None):
-        self.metas, self.causal, self.window = metas, causal, window
-        self._cache: dict[tuple[int, int], list[Task]] = {}
+        super().__init__()
+        self.metas, self.causal, self.window, self.n = metas, causal, window, len(metas)
+        self._varlen: dict[tuple[int, int], list[VarlenCall] | None] = {}
 
-    def tasks(self, q_rank: int, kv_rank: int) -> list[Task]:
+    def _build_tasks(self, q_rank, kv_rank):
+        return block_tasks(self.metas[q_rank], self.metas[kv_rank], self.causal, self.window)
+
+    def _build_varlen(self, q_rank, kv_rank):
         key = (q_rank, kv_rank)
-        if key not in self._cache:
-            self._cache[key] = block_tasks(self.metas[q_rank], self.metas[kv_rank], self.causal, self.window)
-        return self._cache[key]
+        if key not in self._varlen:
+            self._varlen[key] = varlen_calls(self.metas[q_rank], self.metas[kv_rank], self.causal, self.window)
+        return self._varlen[key]
+
+
+class DensePlan(Plan):
+    """ColossalAI's scheme materialises its scores: the dense hidden mask per pair (None: nothing hidden)."""
+
+    def __init__(self, metas: list[TokenMeta] | None, causal: bool, window=None, n: int = 1):
+        super().__init__()
+        self.metas, self.causal, self.window = metas, causal, window
+        self.n = n if metas is None else len(metas)
+        self._hidden: dict[tuple, torch.Tensor | None] = {}
+
+    def _build_tasks(self, q_rank, kv_rank):
+        return []
+
+    def hidden(self, q_rank: int, kv_rank: int, device) -> torch.Tensor | None:
+        """True where a query of ``q_rank`` may NOT see a key of ``kv_rank`` (``[S/N, S/N]``, on ``device``)."""
+        if self.metas is None:
+            return None
+        key = (q_rank, kv_rank, str(device))
+        if key not in self._hidden:
+            self._hidden[key] = (~visible(self.metas[q_rank], self.metas[kv_rank], self.causal,
+                                          self.window)).to(device)
+        return self._hidden[key]
+
+
+class LocalPlan(Plan):
+    """Whole sequences on one rank after a head exchange (ulysses): the gathered tokens are in rank-major
+    order; causal attention over a permuted layout reorders them once for one fused causal call."""
+
+    def __init__(self, layout: Layout, n: int, local: int, causal: bool):
+        super().__init__()
+        self.layout, self.n_src, self.local, self.causal = layout, n, local, causal
+        self.permuted = causal and n > 1 and layout.permutation(local * n, n).ne(torch.arange(local * n)).any().item()
+        self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build_tasks(self, q_rank, kv_rank):
+        s = self.local * self.n_src
+        return [Task(slice(0, s), slice(0, s), self.causal)]
+
+    def order(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inverse) on ``device``: global position of each gathered token, and its inverse."""
+        key = str(device)
+        if key not in self._index:
+            perm = self.layout.permutation(self.local * self.n_src, self.n_src)
+            self._index[key] = (perm.to(device), torch.argsort(perm).to(device))
+        return self._index[key]
+
+
+_PLANS: OrderedDict = OrderedDict()
+_CAPACITY = 64
+
+
+def cached_plan(key: tuple, build: Callable[[], Plan]) -> Plan:
+    """The plan for ``key`` (hashable values: kind, layout, ranks, local length, mask, packing), built by
+    ``build()`` the first time and kept (least recently used first out, 64 plans)."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = build()
+        if len(_PLANS) > _CAPACITY:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (tests; or to free the device copies of a finished run's masks)."""
+    _PLANS.clear()

@@ -24,9 +24,16 @@ from dataclasses import dataclass
 import torch
 
 from ..core import comm
-from ..core.mesh import group_size
+from ..core.kernels import pair_backward, pair_forward
+from ..core.masks import TokenMeta
+from ..core.mesh import SINGLE, group_size
+from .cores import Core, CoreKind, run_core
+from .plans import LocalPlan, MetaPlan, Plan, cached_plan
+from .registry import Strategy, register
+from .ring import ALLGATHER
+from .spec import AttentionSpec
 
-__all__ = ["HeadExchange"]
+__all__ = ["HeadExchange", "LOCAL", "local_core"]
 
 
 @dataclass
@@ -89,3 +96,75 @@ class HeadExchange:
             return lse
         lse = comm.all_to_all(lse.contiguous(), scatter_dim=2, gather_dim=1, group=self.group)
         return lse[:, :self.heads]
+
+
+# --------------------------------------------------------------------------- attention of whole sequences
+
+
+def _local_forward(core: Core, q, k, v):
+    plan = core.plan
+    if plan.permuted:  # causal over a permuted layout: tokens in global order for one fused causal call
+        perm, inv = plan.order(q.device)
+        q, k, v = (t.index_select(1, inv) for t in (q, k, v))
+    out, lse = pair_forward(q, k, v, causal=plan.causal, causal_offset=0, scale=core.scale, backend=core.backend)
+    out = out.to(q.dtype)
+    if plan.permuted:
+        out, lse = out.index_select(1, perm), lse.index_select(2, perm)
+    return out, lse, None
+
+
+def _local_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
+    plan = core.plan
+    if plan.permuted:
+        perm, inv = plan.order(q.device)
+        dout, q, k, v, out = (t.index_select(1, inv) for t in (dout, q, k, v, out))
+        lse = lse.index_select(2, inv)
+    dq, dk, dv = pair_backward(dout, q, k, v, out, lse, causal=plan.causal, causal_offset=0, scale=core.scale,
+                               backend=core.backend)
+    dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if plan.permuted:
+        dq, dk, dv = (t.index_select(1, perm) for t in (dq, dk, dv))
+    return dq, dk, dv
+
+
+#: attention of whole (gathered) sequences on one rank: no communication
+LOCAL = CoreKind("local", _local_forward, _local_backward)
+
+
+def local_core(spec: AttentionSpec, n: int, local: int, metas: list[TokenMeta] | None) -> Core:
+    """The core of the attention of whole sequences gathered from ``n`` ranks of ``local`` tokens each
+    (rank-major): masks from ``metas`` (every rank's token metadata) when given, else the layout's order."""
+    if metas is not None:
+        def build() -> Plan:
+            gathered = TokenMeta(torch.cat([m.pos for m in metas]), torch.cat([m.doc for m in metas]))
+            return MetaPlan([gathered], spec.causal, spec.window)
+
+        plan = cached_plan(("gathered", spec.layout, n, local, spec.causal, spec.window, spec.packing_key()), build)
+        return Core(ALLGATHER, plan, SINGLE, 0, spec.scale, spec.backend, "auto", spec.fused)
+    plan = cached_plan(("local", spec.layout, n, local, spec.causal),
+                       lambda: LocalPlan(spec.layout, n, local, spec.causal))
+    return Core(LOCAL, plan, SINGLE, 0, spec.scale, spec.backend)
+
+
+def token_metas(spec: AttentionSpec) -> list[TokenMeta] | None:
+    """Every rank's token metadata when the mask needs it (packing, padding, a window), else None."""
+    if spec.info is not None:
+        return [spec.info.meta(r) for r in range(spec.n)]
+    if spec.window is not None:
+        return [TokenMeta.single(spec.layout.indices(spec.local * spec.n, spec.n, r)) for r in range(spec.n)]
+    return None
+
+
+@register
+class UlyssesStrategy(Strategy):
+    """``ulysses``: one all-to-all to a head split, attention of whole sequences, one all-to-all back."""
+
+    name = "ulysses"
+
+    def prepare(self, spec: AttentionSpec) -> Core:
+        return local_core(spec, spec.n, spec.local, token_metas(spec))
+
+    def run(self, spec, core, q, k, v):
+        ex = HeadExchange(spec.group, spec.heads, spec.kv_heads)
+        out, lse = run_core(core, *ex.scatter_heads(q, k, v))
+        return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

@@ -1,0 +1,68 @@
+"""USP (LoongTrain / yunchang's unified sequence parallelism): ulysses inside groups, a ring across them.
+
+Sequence-parallel rank ``g * U + u`` holds piece ``u`` of ring shard ``g`` (the nested
+layout of :class:`seqpar.layout.Nested`): the all-to-all inside ulysses group ``g``
+gathers ring shard ``g`` for this rank's heads, and the ring over the ``R`` ring groups
+then runs as plain ring attention on those shards.  With ``U = 1`` or ``R = 1`` it is
+exactly ``ring`` or ``ulysses``, and runs as them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.masks import TokenMeta
+from .cores import Core, run_core
+from .plans import LayoutPlan, MetaPlan, Plan, cached_plan
+from .registry import Strategy, get_strategy, register
+from .ring import RING
+from .spec import AttentionSpec
+from .ulysses import HeadExchange, token_metas
+
+__all__ = ["UspStrategy"]
+
+
+def _ring_plan(spec: AttentionSpec) -> Plan:
+    mesh = spec.mesh
+    u, r = mesh.ulysses, mesh.ring
+
+    def build() -> Plan:
+        metas = token_metas(spec)
+        if metas is None:
+            return LayoutPlan(spec.layout.outer, r, spec.local * u, spec.causal)
+        # ring rank g holds the gathered tokens of sp ranks g*u .. g*u+u-1
+        return MetaPlan([TokenMeta(torch.cat([metas[g * u + i].pos for i in range(u)]),
+                                   torch.cat([metas[g * u + i].doc for i in range(u)])) for g in range(r)],
+                        spec.causal, spec.window)
+
+    return cached_plan(("usp", spec.layout, spec.n, spec.local, spec.causal, spec.window, spec.packing_key(), u, r),
+                       build)
+
+
+@register
+class UspStrategy(Strategy):
+    """``usp``: ulysses over ``mesh.ulysses_group``, then a ring over ``mesh.ring_group``."""
+
+    name = "usp"
+
+    def _pure(self, spec: AttentionSpec) -> Strategy | None:
+        if spec.mesh.ulysses == 1:
+            return get_strategy("ring")
+        if spec.mesh.ring == 1:
+            return get_strategy("ulysses")
+        return None
+
+    def prepare(self, spec: AttentionSpec) -> Core:
+        pure = self._pure(spec)
+        if pure is not None:  # the 1-D cases are exactly those strategies
+            return pure.prepare(spec)
+        mesh = spec.mesh
+        return Core(RING, _ring_plan(spec), mesh.ring_group, mesh.rank("ring"), spec.scale, spec.backend,
+                    spec.ring_transport, spec.masked and spec.fused)
+
+    def run(self, spec, core, q, k, v):
+        pure = self._pure(spec)
+        if pure is not None:
+            return pure.run(spec, core, q, k, v)
+        ex = HeadExchange(spec.mesh.ulysses_group, spec.heads, spec.kv_heads)
+        out, lse = run_core(core, *ex.scatter_heads(q, k, v))
+        return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

@@ -98,3 +98,126 @@ def run_sharded(strategy: str, layout: str, causal: bool, shape, *, cu_seqlens=N
     full.backward(do / m.sp)  # unshard's backward sums the ranks' (identical) gradients
     return {"out": full.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "pairs": pairs,
             "padding": None if info is None else info.doc_padding, "local": ql.shape[1]}
+
+
+def _problem(shape, layout, m, cu_seqlens, seed=0, dtype="float32"):
+    """This rank's shards (leaves requiring grad) and output gradient of a seeded problem, via seqpar.shard."""
+    q, k, v, do = (t.to(DTYPES[dtype]) for t in qkv(shape, seed))
+    return [seqpar.shard(t, 1, layout=layout, mesh=m, cu_seqlens=cu_seqlens).detach().requires_grad_(i < 3)
+            for i, t in enumerate((q, k, v, do))]
+
+
+def compiled_vs_eager(strategy: str, cases, degrees=None, backend: str = "aot_eager", shape=(1, 64, 4, 2, 8)):
+    """For each case (causal, cu_seqlens, window): eager and ``torch.compile(fullgraph=True)`` seqpar.attention,
+    forward and backward, on this rank; the largest difference of out, dq, dk, dv, and whether any graph broke."""
+    from torch._dynamo.utils import counters
+
+    m = mesh(**(degrees or {}))
+    results = []
+    for causal, cu, window in cases:
+        torch._dynamo.reset()
+        counters.clear()
+
+        def f(q, k, v):
+            return seqpar.attention(q, k, v, causal=causal, strategy=strategy, mesh=m, cu_seqlens=cu, window=window)
+
+        got = []
+        for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+            q, k, v, do = _problem(shape, "zigzag", m, cu)
+            out = fn(q, k, v)
+            out.backward(do)
+            got.append([out.detach(), q.grad, k.grad, v.grad])
+        results.append({"diff": max((a - b).abs().max().item() for a, b in zip(*got)),
+                        "breaks": sum(counters["graph_break"].values())})
+    return results
+
+
+_READS: list[str] = []
+
+
+def _where() -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_stack()[:-2] if "/seqpar/" in f.filename]
+    return f"{frames[-1].filename.split('/seqpar/')[-1]}:{frames[-1].lineno}" if frames else "?"
+
+
+def _trap(name, real):
+    """``real``, recording that tensor data was read on the host (ranks carry on, so none hangs)."""
+    def trapped(*args, **kwargs):
+        _READS.append(f"{name} at {_where()}")
+        return real(*args, **kwargs)
+    return trapped
+
+
+def _trap_getitem(real):
+    def getitem(self, index):
+        items = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+            _READS.append(f"boolean-mask indexing at {_where()}")
+        return real(self, index)
+    return getitem
+
+
+TRAPPED = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "unique",
+           "masked_select")
+
+
+def no_host_reads_after_planning(strategy: str, cases, degrees=None, shape=(1, 64, 4, 2, 8), dtype="float32"):
+    """Run each case once (the plan is built: its host reads are allowed), then forward and backward again with
+    every host read of tensor data recorded (``.item()``, ``bool()``, ``int()``, ``.tolist()``, ``nonzero``,
+    boolean indexing, ``torch.equal``...).  Returns what was read, per case (empty: nothing)."""
+    m = mesh(**(degrees or {}))
+    reads = []
+    for causal, cu, window in cases:
+        for trapped in (False, True):
+            q, k, v, do = _problem(shape, "zigzag", m, cu, dtype=dtype)
+            saved = {name: getattr(torch.Tensor, name) for name in TRAPPED}
+            saved.update(getitem=torch.Tensor.__getitem__, equal=torch.equal, nonzero=torch.nonzero)
+            _READS.clear()
+            try:
+                if trapped:
+                    for name in TRAPPED:
+                        setattr(torch.Tensor, name, _trap(f"Tensor.{name}", saved[name]))
+                    torch.Tensor.__getitem__ = _trap_getitem(saved["getitem"])
+                    torch.equal, torch.nonzero = _trap("torch.equal", torch.equal), _trap("torch.nonzero", torch.nonzero)
+                out = seqpar.attention(q, k, v, causal=causal, strategy=strategy, mesh=m, cu_seqlens=cu,
+                                       window=window)
+                out.backward(do)
+            finally:
+                for name in TRAPPED:
+                    setattr(torch.Tensor, name, saved[name])
+                torch.Tensor.__getitem__ = saved["getitem"]
+                torch.equal, torch.nonzero = saved["equal"], saved["nonzero"]
+            if trapped and _READS:
+                reads.append(f"{strategy} causal={causal} cu_seqlens={cu} window={window}: {sorted(set(_READS))}")
+    return reads
+
+
+def train_llama_compiled(strategy: str, compiled: bool, degrees=None, steps: int = 3):
+    """A few AdamW steps of the tiny seqpar Llama (sharded ids, the sp-aware loss) with every decoder block
+    ``torch.compile(fullgraph=True)`` d or eager; the losses and the final single-device state."""
+    from seqpar.models import LlamaForCausalLM
+    from seqpar.train import causal_lm_loss, shift_labels, sync_gradients
+
+    m = mesh(**(degrees or {}))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM("tiny", mesh=m, strategy=strategy)
+    model.init_weights(seed=0)
+    if compiled:
+        for block in model.layers:
+            block.compile(fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids_l = seqpar.shard(ids, 1, mesh=m)
+    labels_l = seqpar.shard(shift_labels(ids), 1, mesh=m, pad_value=-100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        out = causal_lm_loss(model(ids_l), labels_l, m)
+        out.loss.backward()
+        sync_gradients(model, m)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.value))
+    return {"losses": losses, "state": model.full_state_dict()}

@@ -91,12 +91,27 @@ def with_handle(core: Core) -> Core:
     return replace(core, handle=len(_HANDLES) - 1)
 
 
+def _unaliased(outputs, inputs) -> tuple[torch.Tensor, ...]:
+    """A custom op's outputs may alias neither its inputs nor each other (dK and dV are halves of one
+    buffer): clone the ones that do."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    fresh = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        fresh.append(t)
+    return tuple(fresh)
+
+
 @torch.library.custom_op("seqpar::core", mutates_args=())
 def _core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     core = _HANDLES[handle]
     out, lse, extra = core.kind.forward(core, q, k, v)
-    return out, lse, (q.new_empty(0, dtype=lse.dtype) if extra is None else extra)
+    return _unaliased((out, lse, q.new_empty(0, dtype=lse.dtype) if extra is None else extra), (q, k, v))
 
 
 @_core_op.register_fake
@@ -113,7 +128,8 @@ def _core_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     core = _HANDLES[handle]
     keep = extra if core.kind.extra_shape(core, q) is not None else None
-    return core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, keep)
+    grads = core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, keep)
+    return _unaliased(grads, (dout, q, k, v, out, lse, extra))
 
 
 @_core_backward_op.register_fake

@@ -9,7 +9,7 @@ from tests.helpers import DTYPES, mesh, qkv
 
 
 def run_attention(strategy: str, layout: str, causal: bool, dtype: str, shape, seed: int = 0,
-                  transport: str = "auto", stats: bool = False, backward: bool = True):
+                  transport: str = "auto", stats: bool = False, backward: bool = True, backend: str = "auto"):
     """Run seqpar.attention on this rank's shards of a seeded problem; return shards (and stats)."""
     m = mesh()
     group = m.sp_group
@@ -19,8 +19,8 @@ def run_attention(strategy: str, layout: str, causal: bool, dtype: str, shape, s
     ql, kl, vl = (t[:, idx].to(DTYPES[dtype]).requires_grad_() for t in (q, k, v))
     with seqpar.stats.track() as st:
         out = seqpar.attention(ql, kl, vl, causal=causal, strategy=strategy, layout=layout, group=group,
-                               ring_transport=transport)
-        fwd_calls, fwd_bytes, fwd_pairs = dict(st.calls), dict(st.bytes), st.pairs
+                               ring_transport=transport, backend=backend)
+        fwd_calls, fwd_bytes, fwd_pairs, kernels = dict(st.calls), dict(st.bytes), st.pairs, dict(st.kernels)
         if backward:
             out.backward(do[:, idx].to(DTYPES[dtype]))
     res = {"idx": idx, "out": out.detach()}
@@ -28,7 +28,7 @@ def run_attention(strategy: str, layout: str, causal: bool, dtype: str, shape, s
         res.update(dq=ql.grad, dk=kl.grad, dv=vl.grad)
     if stats:
         res["stats"] = {"fwd_calls": fwd_calls, "fwd_bytes": fwd_bytes, "pairs": fwd_pairs,
-                        "calls": dict(st.calls), "bytes": dict(st.bytes)}
+                        "calls": dict(st.calls), "bytes": dict(st.bytes), "kernels": kernels}
     return res
 
 
@@ -221,3 +221,21 @@ def train_llama_compiled(strategy: str, compiled: bool, degrees=None, steps: int
         opt.zero_grad()
         losses.append(float(out.value))
     return {"losses": losses, "state": model.full_state_dict()}
+
+
+def run_cuda_dispatch(strategy: str, causal: bool, cu_seqlens, window, degrees=None, shape=(1, 64, 4, 2, 8)):
+    """seqpar.attention in bfloat16 with the CUDA dispatch mocked (tests.core.cuda_mock): the full outputs and
+    gradients (gathered by unshard), the kernels that ran, and the varlen calls' arguments."""
+    from tests.core.cuda_mock import cuda_dispatch
+
+    m = mesh(**(degrees or {}))
+    q, k, v, do = (t.bfloat16().requires_grad_(i < 3) for i, t in enumerate(qkv(shape, 0)))
+    with cuda_dispatch() as calls, seqpar.stats.track() as st:
+        ql, kl, vl, dol = (seqpar.shard(t, 1, mesh=m, cu_seqlens=cu_seqlens) for t in (q, k, v, do))
+        out = seqpar.attention(ql, kl, vl, causal=causal, strategy=strategy, mesh=m, cu_seqlens=cu_seqlens,
+                               window=window)
+        kernels_fwd = dict(st.kernels)
+        out.backward(dol.detach())
+    full = seqpar.unshard(out.detach(), 1, mesh=m, cu_seqlens=cu_seqlens)
+    return {"out": full, "dq": q.grad, "dk": k.grad, "dv": v.grad, "kernels": kernels_fwd,
+            "ops": sorted({c["op"] for c in calls})}

@@ -204,25 +204,53 @@ class DensePlan(Plan):
 
 
 class LocalPlan(Plan):
-    """Whole sequences on one rank after a head exchange (ulysses): the gathered tokens are in rank-major
-    order; causal attention over a permuted layout reorders them once for one fused causal call."""
+    """Whole sequences on one rank after a head exchange (ulysses), gathered in rank-major order.
 
-    def __init__(self, layout: Layout, n: int, local: int, causal: bool):
+    They are put in order first (``sort``: the gathered index of each token of the ordered sequence;
+    None when the gathered order already is): global position order for one plain sequence, so a
+    causal mask is one fused call; (document, position) order for packed documents (padding last),
+    so that every document is one run of tokens and, on CUDA, one sequence of one varlen call.
+    ``inner``: the mask plan over the ordered tokens (a one-rank MetaPlan) for packing, padding and
+    windows; None for plain (causal or full) attention.
+    """
+
+    def __init__(self, sort: torch.Tensor | None, length: int, causal: bool, inner: Plan | None = None):
         super().__init__()
-        self.layout, self.n_src, self.local, self.causal = layout, n, local, causal
-        self.permuted = causal and n > 1 and layout.permutation(local * n, n).ne(torch.arange(local * n)).any().item()
+        self.sort, self.length, self.causal, self.inner = sort, length, causal, inner
         self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @staticmethod
+    def for_layout(layout: Layout, n: int, local: int, causal: bool) -> LocalPlan:
+        perm = layout.permutation(local * n, n)  # global position of each gathered token
+        ordered = not causal or n == 1 or torch.equal(perm, torch.arange(perm.numel()))
+        return LocalPlan(None if ordered else torch.argsort(perm), local * n, causal)
+
+    @staticmethod
+    def for_metas(metas: list[TokenMeta], causal: bool, window) -> LocalPlan:
+        pos, doc = torch.cat([m.pos for m in metas]), torch.cat([m.doc for m in metas])
+        span = int(pos.max()) + 1
+        key = torch.where(doc >= 0, doc * span + pos, torch.full_like(doc, (int(doc.max()) + 1) * span))
+        sort = torch.sort(key, stable=True).indices
+        ordered = torch.equal(sort, torch.arange(sort.numel()))
+        inner = MetaPlan([TokenMeta(pos[sort], doc[sort])], causal, window)
+        return LocalPlan(None if ordered else sort, pos.numel(), causal, inner)
+
     def _build_tasks(self, q_rank, kv_rank):
-        s = self.local * self.n_src
-        return [Task(slice(0, s), slice(0, s), self.causal)]
+        if self.inner is not None:
+            return self.inner.tasks(0, 0)
+        return [Task(slice(0, self.length), slice(0, self.length), self.causal)]
+
+    def block(self, q_rank: int, kv_rank: int, device, fused: bool) -> Block:
+        return self.inner.block(0, 0, device, fused) if self.inner is not None else super().block(0, 0, device, fused)
+
+    def work(self, q_rank: int, fused: bool = False) -> tuple[int, int]:
+        return self.inner.work(0, fused) if self.inner is not None else super().work(0, fused)
 
     def order(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(perm, inverse) on ``device``: global position of each gathered token, and its inverse."""
+        """(sort, unsort) on ``device``: ordered = gathered[:, sort], gathered = ordered[:, unsort]."""
         key = str(device)
         if key not in self._index:
-            perm = self.layout.permutation(self.local * self.n_src, self.n_src)
-            self._index[key] = (perm.to(device), torch.argsort(perm).to(device))
+            self._index[key] = (self.sort.to(device), torch.argsort(self.sort).to(device))
         return self._index[key]
 
 

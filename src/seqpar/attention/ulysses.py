@@ -26,11 +26,12 @@ import torch
 from ..core import comm
 from ..core.kernels import pair_backward, pair_forward
 from ..core.masks import TokenMeta
+from ..core.merge import accumulation_dtype
 from ..core.mesh import SINGLE, group_size
+from .blocks import backward_block, empty_accumulators, forward_block
 from .cores import Core, CoreKind, run_core
-from .plans import LocalPlan, MetaPlan, Plan, cached_plan
+from .plans import LocalPlan, cached_plan
 from .registry import Strategy, register
-from .ring import ALLGATHER
 from .spec import AttentionSpec
 
 __all__ = ["HeadExchange", "LOCAL", "local_core"]
@@ -103,27 +104,38 @@ class HeadExchange:
 
 def _local_forward(core: Core, q, k, v):
     plan = core.plan
-    if plan.permuted:  # causal over a permuted layout: tokens in global order for one fused causal call
-        perm, inv = plan.order(q.device)
-        q, k, v = (t.index_select(1, inv) for t in (q, k, v))
-    out, lse = pair_forward(q, k, v, causal=plan.causal, causal_offset=0, scale=core.scale, backend=core.backend)
+    if plan.sort is not None:  # tokens in order: one causal call, or one run per document
+        sort, unsort = plan.order(q.device)
+        q, k, v = (t.index_select(1, sort) for t in (q, k, v))
+    if plan.inner is None:
+        out, lse = pair_forward(q, k, v, causal=plan.causal, causal_offset=0, scale=core.scale, backend=core.backend)
+    else:
+        out, lse = empty_accumulators(q)
+        forward_block(q, k, v, plan.block(0, 0, q.device, core.fused), out, lse, scale=core.scale,
+                      backend=core.backend)
     out = out.to(q.dtype)
-    if plan.permuted:
-        out, lse = out.index_select(1, perm), lse.index_select(2, perm)
+    if plan.sort is not None:
+        out, lse = out.index_select(1, unsort), lse.index_select(2, unsort)
     return out, lse, None
 
 
 def _local_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
     plan = core.plan
-    if plan.permuted:
-        perm, inv = plan.order(q.device)
-        dout, q, k, v, out = (t.index_select(1, inv) for t in (dout, q, k, v, out))
-        lse = lse.index_select(2, inv)
-    dq, dk, dv = pair_backward(dout, q, k, v, out, lse, causal=plan.causal, causal_offset=0, scale=core.scale,
-                               backend=core.backend)
+    if plan.sort is not None:
+        sort, unsort = plan.order(q.device)
+        dout, q, k, v, out = (t.index_select(1, sort) for t in (dout, q, k, v, out))
+        lse = lse.index_select(2, sort)
+    if plan.inner is None:
+        dq, dk, dv = pair_backward(dout, q, k, v, out, lse, causal=plan.causal, causal_offset=0, scale=core.scale,
+                                   backend=core.backend)
+    else:
+        acc = accumulation_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        backward_block(dout, q, k, v, out, lse, plan.block(0, 0, q.device, core.fused), dq, dk, dv,
+                       scale=core.scale, backend=core.backend)
     dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    if plan.permuted:
-        dq, dk, dv = (t.index_select(1, perm) for t in (dq, dk, dv))
+    if plan.sort is not None:
+        dq, dk, dv = (t.index_select(1, unsort) for t in (dq, dk, dv))
     return dq, dk, dv
 
 
@@ -135,15 +147,12 @@ def local_core(spec: AttentionSpec, n: int, local: int, metas: list[TokenMeta] |
     """The core of the attention of whole sequences gathered from ``n`` ranks of ``local`` tokens each
     (rank-major): masks from ``metas`` (every rank's token metadata) when given, else the layout's order."""
     if metas is not None:
-        def build() -> Plan:
-            gathered = TokenMeta(torch.cat([m.pos for m in metas]), torch.cat([m.doc for m in metas]))
-            return MetaPlan([gathered], spec.causal, spec.window)
-
-        plan = cached_plan(("gathered", spec.layout, n, local, spec.causal, spec.window, spec.packing_key()), build)
-        return Core(ALLGATHER, plan, SINGLE, 0, spec.scale, spec.backend, "auto", spec.fused)
-    plan = cached_plan(("local", spec.layout, n, local, spec.causal),
-                       lambda: LocalPlan(spec.layout, n, local, spec.causal))
-    return Core(LOCAL, plan, SINGLE, 0, spec.scale, spec.backend)
+        plan = cached_plan(("gathered", spec.layout, n, local, spec.causal, spec.window, spec.packing_key()),
+                           lambda: LocalPlan.for_metas(metas, spec.causal, spec.window))
+    else:
+        plan = cached_plan(("local", spec.layout, n, local, spec.causal),
+                           lambda: LocalPlan.for_layout(spec.layout, n, local, spec.causal))
+    return Core(LOCAL, plan, SINGLE, 0, spec.scale, spec.backend, "auto", spec.masked and spec.fused)
 
 
 def token_metas(spec: AttentionSpec) -> list[TokenMeta] | None:

@@ -21,6 +21,33 @@ from .ulysses import HeadExchange, token_metas
 __all__ = ["UspStrategy"]
 
 
+class _SortedMetaPlan(MetaPlan):
+    """The ring stage's masks over each ring rank's gathered tokens put in (document, position) order.
+
+    Ring rank g gathers sp ranks g*u .. g*u+u-1, each holding its piece of every packed document,
+    so the documents come interleaved; in order, each document is one run (one fused call, one
+    varlen sequence).  ``order(rank, device)``: (sort, unsort) of that rank's gathered tokens.
+    """
+
+    def __init__(self, metas: list[TokenMeta], causal: bool, window):
+        sorts = []
+        for m in metas:
+            span = int(m.pos.max()) + 1
+            key = torch.where(m.doc >= 0, m.doc * span + m.pos, torch.full_like(m.doc, (int(m.doc.max()) + 1) * span))
+            sorts.append(torch.sort(key, stable=True).indices)
+        super().__init__([TokenMeta(m.pos[s], m.doc[s]) for m, s in zip(metas, sorts)], causal, window)
+        self.sorts = [None if torch.equal(s, torch.arange(s.numel())) else s for s in sorts]
+        self._orders: dict = {}
+
+    def order(self, rank: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.sorts[rank] is None:
+            return None
+        key = (rank, str(device))
+        if key not in self._orders:
+            self._orders[key] = (self.sorts[rank].to(device), torch.argsort(self.sorts[rank]).to(device))
+        return self._orders[key]
+
+
 def _ring_plan(spec: AttentionSpec) -> Plan:
     mesh = spec.mesh
     u, r = mesh.ulysses, mesh.ring
@@ -30,9 +57,9 @@ def _ring_plan(spec: AttentionSpec) -> Plan:
         if metas is None:
             return LayoutPlan(spec.layout.outer, r, spec.local * u, spec.causal)
         # ring rank g holds the gathered tokens of sp ranks g*u .. g*u+u-1
-        return MetaPlan([TokenMeta(torch.cat([metas[g * u + i].pos for i in range(u)]),
-                                   torch.cat([metas[g * u + i].doc for i in range(u)])) for g in range(r)],
-                        spec.causal, spec.window)
+        return _SortedMetaPlan([TokenMeta(torch.cat([metas[g * u + i].pos for i in range(u)]),
+                                          torch.cat([metas[g * u + i].doc for i in range(u)])) for g in range(r)],
+                               spec.causal, spec.window)
 
     return cached_plan(("usp", spec.layout, spec.n, spec.local, spec.causal, spec.window, spec.packing_key(), u, r),
                        build)
@@ -64,5 +91,11 @@ class UspStrategy(Strategy):
         if pure is not None:
             return pure.run(spec, core, q, k, v)
         ex = HeadExchange(spec.mesh.ulysses_group, spec.heads, spec.kv_heads)
-        out, lse = run_core(core, *ex.scatter_heads(q, k, v))
+        q, k, v = ex.scatter_heads(q, k, v)
+        order = core.plan.order(core.rank, q.device) if isinstance(core.plan, _SortedMetaPlan) else None
+        if order is not None:  # documents in order before the ring (every ring rank does, so blocks arrive so)
+            q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
+        out, lse = run_core(core, q, k, v)
+        if order is not None:
+            out, lse = out.index_select(1, order[1]), lse.index_select(2, order[1])
         return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

@@ -151,7 +151,7 @@ def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if dev == "cuda":
         d = q.shape[-1]
         half = q.dtype in (torch.float16, torch.bfloat16)
-        if half and d in (64, 128) and torch.backends.cudnn.is_available() and _cuda_cap(q) >= (9, 0):
+        if half and d in (64, 128) and _cudnn_available() and _cuda_cap(q) >= (9, 0):
             return "cudnn"
         if half and d <= 256 and d % 8 == 0:
             return "flash"
@@ -162,6 +162,10 @@ def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
 
 def _cuda_cap(q: torch.Tensor) -> tuple[int, int]:
     return torch.cuda.get_device_capability(q.device)
+
+
+def _cudnn_available() -> bool:
+    return torch.backends.cudnn.is_available()
 
 
 def varlen_supported(q: torch.Tensor, backend: str) -> bool:

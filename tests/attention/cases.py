@@ -70,9 +70,37 @@ def run_invalid(call: str):
                 seqpar.attention(q[:, :7], k[:, :7], k[:, :7], layout="zigzag")
             elif call == "dtype":
                 seqpar.attention(q, k.double(), k.double())
+            elif call == "integer":
+                seqpar.attention(q.long(), k.long(), k.long())
+            elif call == "head_dim":
+                seqpar.attention(q[..., :0], k[..., :0], k[..., :0])
+            elif call == "float_cu":
+                seqpar.attention(q, k, k, cu_seqlens=torch.tensor([0.0, 13.5, 32.0]))
+            elif call == "float_cu_list":
+                seqpar.attention(q, k, k, cu_seqlens=[0, 13.5, 32])
+            elif call == "backend":
+                seqpar.attention(q, k, k, backend="flash")
+            elif call == "scale":
+                seqpar.attention(q, k, k, scale=float("nan"))
+            elif call in ("layout_mismatch", "packing_mismatch", "padding_mismatch"):
+                _mismatched(call)
         except seqpar.SeqParError as e:
             return {"type": type(e).__name__, "msg": str(e), "comm": dict(st.calls)}
     return {"type": None, "msg": "", "comm": dict(st.calls)}
+
+
+def _mismatched(call: str):
+    """Shards made one way, attended another (every rank computes the same check, before communicating)."""
+    full = torch.randn(1, 32, 4, 16)
+    if call == "layout_mismatch":  # contiguous shards to a zigzag attention
+        q = seqpar.shard(full, 1, layout="contiguous")
+        seqpar.attention(q, q, q, causal=True, layout="zigzag")
+    elif call == "packing_mismatch":  # sharded as one sequence, attended as packed documents
+        q = seqpar.shard(full, 1)
+        seqpar.attention(q, q, q, causal=True, cu_seqlens=[0, 16, 32])
+    else:  # padded by shard, attended without the SeqInfo that says where the padding is
+        q, _ = seqpar.shard(full[:, :30], 1, return_info=True)
+        seqpar.attention(q, q, q, causal=True)
 
 
 def run_sharded(strategy: str, layout: str, causal: bool, shape, *, cu_seqlens=None, window=None, degrees=None,

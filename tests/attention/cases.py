@@ -201,13 +201,13 @@ def no_host_reads_after_planning(strategy: str, cases, degrees=None, shape=(1, 6
         for trapped in (False, True):
             q, k, v, do = _problem(shape, "zigzag", m, cu, dtype=dtype)
             saved = {name: getattr(torch.Tensor, name) for name in TRAPPED}
-            saved.update(getitem=torch.Tensor.__getitem__, equal=torch.equal, nonzero=torch.nonzero)
+            saved.update({"[]": torch.Tensor.__getitem__, "torch.equal": torch.equal, "torch.nonzero": torch.nonzero})
             _READS.clear()
             try:
                 if trapped:
                     for name in TRAPPED:
                         setattr(torch.Tensor, name, _trap(f"Tensor.{name}", saved[name]))
-                    torch.Tensor.__getitem__ = _trap_getitem(saved["getitem"])
+                    torch.Tensor.__getitem__ = _trap_getitem(saved["[]"])
                     torch.equal, torch.nonzero = _trap("torch.equal", torch.equal), _trap("torch.nonzero", torch.nonzero)
                 out = seqpar.attention(q, k, v, causal=causal, strategy=strategy, mesh=m, cu_seqlens=cu,
                                        window=window)
@@ -215,8 +215,8 @@ def no_host_reads_after_planning(strategy: str, cases, degrees=None, shape=(1, 6
             finally:
                 for name in TRAPPED:
                     setattr(torch.Tensor, name, saved[name])
-                torch.Tensor.__getitem__ = saved["getitem"]
-                torch.equal, torch.nonzero = saved["equal"], saved["nonzero"]
+                torch.Tensor.__getitem__ = saved["[]"]
+                torch.equal, torch.nonzero = saved["torch.equal"], saved["torch.nonzero"]
             if trapped and _READS:
                 reads.append(f"{strategy} causal={causal} cu_seqlens={cu} window={window}: {sorted(set(_READS))}")
     return reads

@@ -32,9 +32,9 @@ __all__ = ["attention", "STRATEGIES", "Strategy", "register", "get_strategy", "R
 STRATEGIES = SP_STRATEGIES
 
 
-def _prepare(q, k, v, kwargs: dict) -> tuple[AttentionSpec, Core]:
-    """Validate and plan a call (host only, before any communication)."""
-    spec = make_spec(q, k, v, strategies=REGISTRY, get_mesh=get_mesh, **kwargs)
+def _prepare(q, k, v, args: tuple) -> tuple[AttentionSpec, Core]:
+    """Validate and plan a call (host only, before any communication); ``args``: :func:`make_spec`'s."""
+    spec = make_spec(q, k, v, REGISTRY, get_mesh, *args)
     strategy = REGISTRY[spec.strategy]
     strategy.validate(spec, q, k, v)
     return spec, strategy.prepare(spec)
@@ -53,7 +53,9 @@ def _prepare_traced(q_meta, k_meta, v_meta, mesh, group, layout, seq_info, optio
     devices, the mesh, group, layout and packing objects) and keeps its result as a constant."""
     q, k, v = (torch.empty((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in
                (q_meta, k_meta, v_meta))
-    spec, core = _prepare(q, k, v, dict(options, mesh=mesh, group=group, layout=layout, seq_info=seq_info))
+    causal, strategy, cu_seqlens, scale, window, backend, ring_transport, return_lse, name = options
+    spec, core = _prepare(q, k, v, (causal, strategy, mesh, group, layout, cu_seqlens, seq_info, scale, window,
+                                    backend, ring_transport, return_lse, name))
     return _Traced(spec, with_handle(core))
 
 
@@ -124,13 +126,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     call (one small all-gather); with :func:`seqpar.set_check_finite` inputs,
     outputs and gradients are checked for NaN/Inf (both in eager mode only).
     """
-    options = dict(causal=causal, strategy=strategy, cu_seqlens=cu_seqlens, scale=scale, window=window,
-                   backend=backend, ring_transport=ring_transport, return_lse=return_lse, name=name)
     if torch.compiler.is_compiling():
+        options = (causal, strategy, cu_seqlens, scale, window, backend, ring_transport, return_lse, name)
         traced = _prepare_traced(_meta(q), _meta(k), _meta(v), mesh, group, layout, seq_info, options)
         spec, core = traced.spec, traced.core
     else:
-        spec, core = _prepare(q, k, v, dict(options, mesh=mesh, group=group, layout=layout, seq_info=seq_info))
+        spec, core = _prepare(q, k, v, (causal, strategy, mesh, group, layout, cu_seqlens, seq_info, scale, window,
+                                        backend, ring_transport, return_lse, name))
         _check_inputs(spec, q, k, v)
         if tracking():
             record_work(*core.plan.work(core.rank, core.fused))

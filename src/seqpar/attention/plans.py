@@ -127,6 +127,11 @@ class Plan:
             self._blocks[key] = hit
         return hit
 
+    def order(self, rank: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sort, unsort) putting ``rank``'s tokens in the order the plan's masks are over, on ``device``; None when
+        they already are (every plan but the usp ring stage over packed documents)."""
+        return None
+
     def work(self, q_rank: int, fused: bool = False) -> tuple[int, int]:
         """(visible query-key pairs, forward kernel calls) of ``q_rank`` over every key rank: the counters of
         :mod:`seqpar.stats`, from the plan."""

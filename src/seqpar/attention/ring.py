@@ -35,15 +35,32 @@ __all__ = ["ring_attention", "allgather_attention", "sequence_plan", "RING", "AL
 
 
 def _ring_forward(core: Core, q, k, v):
+    order = core.plan.order(core.rank, q.device)
+    if order is not None:  # every rank puts its tokens in the plan's order, so blocks arrive in it
+        q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
     acc_out, acc_lse = empty_accumulators(q)
     for src, kv in RingExchange(core.group, core.ring_transport).rotate(torch.stack([k, v])):
         block = core.plan.block(core.rank, src, q.device, core.fused)
         if not block.empty:
             forward_block(q, kv[0], kv[1], block, acc_out, acc_lse, scale=core.scale, backend=core.backend)
-    return acc_out.to(q.dtype), acc_lse, None
+    out = acc_out.to(q.dtype)
+    if order is not None:
+        return out.index_select(1, order[1]), acc_lse.index_select(2, order[1]), None
+    return out, acc_lse, None
 
 
 def _ring_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
+    order = core.plan.order(core.rank, q.device)
+    if order is not None:
+        dout, q, k, v, out = (t.index_select(1, order[0]) for t in (dout, q, k, v, out))
+        lse = lse.index_select(2, order[0])
+    dq, dk, dv = _ring_grads(core, dout, q, k, v, out, lse)
+    if order is not None:
+        return tuple(t.index_select(1, order[1]) for t in (dq, dk, dv))
+    return dq, dk, dv
+
+
+def _ring_grads(core: Core, dout, q, k, v, out, lse):
     ring = RingExchange(core.group, core.ring_transport)
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)

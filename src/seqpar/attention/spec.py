@@ -9,20 +9,20 @@ a :class:`~seqpar.packing.SeqInfo` or None.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..core.errors import ConfigError, ShapeError
 from ..core.kernels import check_qkv, pick_backend, varlen_supported
-from ..core.layout import Layout, check_sharding, resolve_layout, resolve_seq_info, sharding_of
+from ..core.layout import Layout, check_sharding, plain_seq_info, resolve_layout, resolve_seq_info, sharding_of
 from ..core.mesh import Mesh, group_rank, group_size, resolve_group
-from ..core.packing import SeqInfo, seq_info
+from ..core.packing import SeqInfo
 
 __all__ = ["AttentionSpec", "make_spec", "check_window"]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class AttentionSpec:
     """Everything a strategy needs besides the tensors: resolved, validated, hashable where it matters.
 
@@ -34,7 +34,7 @@ class AttentionSpec:
 
     strategy: str
     group: object
-    mesh: Mesh | None = field(compare=False)
+    mesh: Mesh | None
     n: int
     rank: int
     layout: Layout
@@ -48,8 +48,8 @@ class AttentionSpec:
     ring_transport: str
     heads: int
     kv_heads: int
-    return_lse: bool = field(compare=False)
-    name: str = field(compare=False)
+    return_lse: bool
+    name: str
     #: q is multiplied by this before the kernels (a scale <= 0: the kernels then get scale 1)
     q_factor: float = 1.0
 
@@ -118,13 +118,12 @@ def _check_sharded_as(spec: AttentionSpec, q, k, v) -> None:
     """q, k, v that came out of seqpar.shard must have been split as this call expects (always checked)."""
     if all(sharding_of(t) is None for t in (q, k, v)):
         return
-    expected = spec.info if spec.info is not None else seq_info(spec.layout, spec.n, seq_len=spec.local * spec.n,
-                                                                   exact=True)
+    expected = spec.info if spec.info is not None else plain_seq_info(spec.layout, spec.n, spec.local)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_sharding(t, expected, name, spec.what)
 
 
-def make_spec(q, k, v, *, strategies, get_mesh, causal: bool, strategy: str, mesh: Mesh | None, group, layout,
+def make_spec(q, k, v, strategies, get_mesh, causal: bool, strategy: str, mesh: Mesh | None, group, layout,
               cu_seqlens, seq_info, scale, window, backend: str, ring_transport: str, return_lse: bool,
               name: str | None) -> AttentionSpec:
     """Validate a :func:`seqpar.attention` call and resolve its defaults.  No communication."""

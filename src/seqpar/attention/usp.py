@@ -91,11 +91,5 @@ class UspStrategy(Strategy):
         if pure is not None:
             return pure.run(spec, core, q, k, v)
         ex = HeadExchange(spec.mesh.ulysses_group, spec.heads, spec.kv_heads)
-        q, k, v = ex.scatter_heads(q, k, v)
-        order = core.plan.order(core.rank, q.device) if isinstance(core.plan, _SortedMetaPlan) else None
-        if order is not None:  # documents in order before the ring (every ring rank does, so blocks arrive so)
-            q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
-        out, lse = run_core(core, q, k, v)
-        if order is not None:
-            out, lse = out.index_select(1, order[1]), lse.index_select(2, order[1])
+        out, lse = run_core(core, *ex.scatter_heads(q, k, v))
         return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

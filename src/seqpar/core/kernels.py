@@ -406,24 +406,26 @@ def check_qkv(q, k, v) -> None:
     floating point, one dtype and device, ``H % Hkv == 0``, ``D > 0``.  No communication."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         raise ShapeError(f"q, k, v must be tensors, got {type(q).__name__}, {type(k).__name__}, {type(v).__name__}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ShapeError(f"q, k, v must be [batch, seq, heads, head_dim]; got dims {q.dim()}, {k.dim()}, {v.dim()}")
-    if k.shape != v.shape:
-        raise ShapeError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ShapeError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
-    if not q.dtype == k.dtype == v.dtype:
+    qs, ks, vs = q.shape, k.shape, v.shape  # one attribute read each: this runs on every call
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise ShapeError(f"q, k, v must be [batch, seq, heads, head_dim]; got dims {len(qs)}, {len(ks)}, {len(vs)}")
+    if ks != vs:
+        raise ShapeError(f"k {tuple(ks)} and v {tuple(vs)} must have the same shape")
+    if qs[0] != ks[0] or qs[3] != ks[3]:
+        raise ShapeError(f"q {tuple(qs)} and k {tuple(ks)} disagree on batch or head_dim")
+    dtype = q.dtype
+    if dtype != k.dtype or dtype != v.dtype:
         raise ShapeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.is_floating_point():
-        raise ShapeError(f"q, k, v must be floating point (float32, bfloat16, float16 or float64), got {q.dtype}: "
+    if not dtype.is_floating_point:
+        raise ShapeError(f"q, k, v must be floating point (float32, bfloat16, float16 or float64), got {dtype}: "
                          f"attention of integer values is not defined; cast them, e.g. q.float()")
-    if not q.device == k.device == v.device:
+    device = q.device
+    if device != k.device or device != v.device:
         raise ShapeError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.shape[3] == 0:
-        raise ShapeError(f"head_dim is 0 (q {tuple(q.shape)}): every head needs at least one feature")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ShapeError(f"q heads={q.shape[2]} not divisible by kv heads={k.shape[2]} "
-                         f"(GQA needs heads % kv_heads == 0)")
+    if qs[3] == 0:
+        raise ShapeError(f"head_dim is 0 (q {tuple(qs)}): every head needs at least one feature")
+    if ks[2] == 0 or qs[2] % ks[2]:
+        raise ShapeError(f"q heads={qs[2]} not divisible by kv heads={ks[2]} (GQA needs heads % kv_heads == 0)")
 
 
 def pair_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None, dead=None):

@@ -22,7 +22,7 @@ from .mesh import Mesh, get_mesh, group_rank, group_size, resolve_group
 from .packing import SeqInfo, layout_unit, seq_info
 
 __all__ = ["Layout", "Task", "Nested", "get_layout", "resolve_layout", "shard", "unshard", "position_ids",
-           "LAYOUTS", "resolve_seq_info", "sharding_of", "check_sharding", "mark_sharding"]
+           "LAYOUTS", "resolve_seq_info", "sharding_of", "check_sharding", "mark_sharding", "plain_seq_info"]
 
 
 class Layout:
@@ -155,8 +155,10 @@ def get_layout(layout: str | Layout) -> Layout:
     """The :class:`Layout` named ``layout`` (contiguous, zigzag or stripe)."""
     if isinstance(layout, Layout):
         return layout
-    check(layout in LAYOUTS, ConfigError, f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
-    return LAYOUTS[layout]
+    found = LAYOUTS.get(layout) if isinstance(layout, str) else None
+    if found is None:
+        raise ConfigError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
+    return found
 
 
 def resolve_layout(layout: str | Layout, group=None, mesh: Mesh | None = None) -> Layout:
@@ -256,12 +258,24 @@ def _mark(out: torch.Tensor, info: SeqInfo) -> torch.Tensor:
     return out
 
 
+def plain_seq_info(layout: Layout, n: int, local: int) -> SeqInfo:
+    """The SeqInfo of one unpadded sequence of ``local`` tokens per rank over ``n`` ranks (cached)."""
+    key = (layout, n, local)
+    hit = _PLAIN.get(key)
+    if hit is None:
+        hit = _PLAIN[key] = seq_info(layout, n, seq_len=local * n, exact=True)
+    return hit
+
+
+_PLAIN: dict = {}
+
+
 def mark_sharding(x: torch.Tensor, info: SeqInfo | None, layout: Layout, n: int, local: int) -> torch.Tensor:
     """Record on ``x`` (a shard of ``local`` tokens per rank over ``n`` ranks) how it is split: ``info``, or one
     plain sequence in ``layout`` when None, so that :func:`unshard` and :func:`seqpar.attention` can check it.
     Nothing is recorded for one process (every split is the identity there).  Returns ``x``."""
     if n > 1:
-        _mark(x, info if info is not None else seq_info(layout, n, seq_len=local * n, exact=True))
+        _mark(x, info if info is not None else plain_seq_info(layout, n, local))
     return x
 
 

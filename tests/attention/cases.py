@@ -128,14 +128,15 @@ def run_sharded(strategy: str, layout: str, causal: bool, shape, *, cu_seqlens=N
             "padding": None if info is None else info.doc_padding, "local": ql.shape[1]}
 
 
-def _problem(shape, layout, m, cu_seqlens, seed=0, dtype="float32"):
+def _problem(shape, layout, m, cu_seqlens, seed=0, dtype="float32", device="cpu"):
     """This rank's shards (leaves requiring grad) and output gradient of a seeded problem, via seqpar.shard."""
-    q, k, v, do = (t.to(DTYPES[dtype]) for t in qkv(shape, seed))
+    q, k, v, do = (t.to(device, DTYPES[dtype]) for t in qkv(shape, seed))
     return [seqpar.shard(t, 1, layout=layout, mesh=m, cu_seqlens=cu_seqlens).detach().requires_grad_(i < 3)
             for i, t in enumerate((q, k, v, do))]
 
 
-def compiled_vs_eager(strategy: str, cases, degrees=None, backend: str = "aot_eager", shape=(1, 64, 4, 2, 8)):
+def compiled_vs_eager(strategy: str, cases, degrees=None, backend: str = "aot_eager", shape=(1, 64, 4, 2, 8),
+                      device: str = "cpu"):
     """For each case (causal, cu_seqlens, window): eager and ``torch.compile(fullgraph=True)`` seqpar.attention,
     forward and backward, on this rank; the largest difference of out, dq, dk, dv, and whether any graph broke."""
     from torch._dynamo.utils import counters
@@ -151,7 +152,7 @@ def compiled_vs_eager(strategy: str, cases, degrees=None, backend: str = "aot_ea
 
         got = []
         for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
-            q, k, v, do = _problem(shape, "zigzag", m, cu)
+            q, k, v, do = _problem(shape, "zigzag", m, cu, device=device)
             out = fn(q, k, v)
             out.backward(do)
             got.append([out.detach(), q.grad, k.grad, v.grad])

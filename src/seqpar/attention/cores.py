@@ -36,12 +36,14 @@ def _no_extra(core, q) -> None:
 @dataclass(frozen=True)
 class CoreKind:
     """A strategy's communicating core (see the module docstring); ``extra_shape(core, q)``: the shape of
-    the extra tensor it keeps for backward (float32), None when it keeps none."""
+    the extra tensor it keeps for backward (float32), None when it keeps none; ``keeps_out``: backward
+    needs the output and its lse (False: they are not kept, and backward gets None for them)."""
 
     name: str
     forward: Callable
     backward: Callable
     extra_shape: Callable = _no_extra
+    keeps_out: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,16 +69,18 @@ class _Core(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, core: Core):
         out, lse, extra = core.kind.forward(core, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse, *(() if extra is None else (extra,)))
+        kept = (out, lse) if core.kind.keeps_out else ()
+        ctx.save_for_backward(q, k, v, *kept, *(() if extra is None else (extra,)))
         ctx.core = core
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, *extra = ctx.saved_tensors
         core = ctx.core
-        dq, dk, dv = core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, *(extra or [None]))
+        q, k, v, *rest = ctx.saved_tensors
+        out, lse = (rest.pop(0), rest.pop(0)) if core.kind.keeps_out else (None, None)
+        dq, dk, dv = core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, *(rest or [None]))
         return dq, dk, dv, None
 
 
@@ -111,7 +115,8 @@ def _core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     core = _HANDLES[handle]
     out, lse, extra = core.kind.forward(core, q, k, v)
-    return _unaliased((out, lse, q.new_empty(0, dtype=lse.dtype) if extra is None else extra), (q, k, v))
+    out, lse, extra = _unaliased((out, lse, q.new_empty(0, dtype=lse.dtype) if extra is None else extra), (q, k, v))
+    return out, lse, extra
 
 
 @_core_op.register_fake
@@ -128,8 +133,9 @@ def _core_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     core = _HANDLES[handle]
     keep = extra if core.kind.extra_shape(core, q) is not None else None
-    grads = core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, keep)
-    return _unaliased(grads, (dout, q, k, v, out, lse, extra))
+    dq, dk, dv = _unaliased(core.kind.backward(core, dout.contiguous(), q, k, v, out, lse, keep),
+                            (dout, q, k, v, out, lse, extra))
+    return dq, dk, dv
 
 
 @_core_backward_op.register_fake

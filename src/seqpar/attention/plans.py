@@ -140,15 +140,15 @@ class Plan:
         if hit is None:
             pairs = calls = 0
             for src in range(self.n):
+                varlen = self._build_varlen(q_rank, src) if fused else None
+                if varlen is not None:  # (the bias tiles of a long window are never built on this path)
+                    pairs += sum(c.pairs for c in varlen)
+                    calls += len(varlen)
+                    continue
                 tasks = self.tasks(q_rank, src)
                 pairs += sum(t.pairs for t in tasks)
-                varlen = self._build_varlen(q_rank, src) if fused else None
-                if varlen is not None:
-                    calls += len(varlen)
-                else:
-                    calls += sum(1 if t.bias is not None else len(mask_pieces(t.q.stop - t.q.start,
-                                                                              t.k.stop - t.k.start, t.causal,
-                                                                              t.offset)) for t in tasks)
+                calls += sum(1 if t.bias is not None else len(mask_pieces(t.q.stop - t.q.start, t.k.stop - t.k.start,
+                                                                          t.causal, t.offset)) for t in tasks)
             hit = self._work[key] = (pairs, calls)
         return hit
 
@@ -251,11 +251,12 @@ class LocalPlan(Plan):
     def work(self, q_rank: int, fused: bool = False) -> tuple[int, int]:
         return self.inner.work(0, fused) if self.inner is not None else super().work(0, fused)
 
-    def order(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def sort_indices(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sort, unsort) on ``device``: ordered = gathered[:, sort], gathered = ordered[:, unsort]."""
         key = str(device)
         if key not in self._index:
-            self._index[key] = (self.sort.to(device), torch.argsort(self.sort).to(device))
+            sort = self.sort if self.sort is not None else torch.arange(self.length)
+            self._index[key] = (sort.to(device), torch.argsort(sort).to(device))
         return self._index[key]
 
 

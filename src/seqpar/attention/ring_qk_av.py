@@ -15,6 +15,8 @@ count and are repeated for GQA only after they arrive.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..core.comm import RingExchange
@@ -31,7 +33,7 @@ __all__ = ["ring_qk_av_attention", "RING_QK_AV"]
 
 
 def _forward(core: Core, q, k, v):
-    n, r, plan, scale = group_size(core.group), core.rank, core.plan, core.scale
+    n, r, plan, scale = group_size(core.group), core.rank, cast(DensePlan, core.plan), core.scale
     b, local, h, _ = q.shape
     acc = accumulation_dtype(q.dtype)
     qa = q.to(acc)
@@ -84,7 +86,7 @@ def _probs_shape(core: Core, q) -> tuple[int, ...]:
 
 
 #: RingQK + RingAV: forward 2(N-1) ring transfers; backward 2(N-1) of V and K plus 2N of dV and dK
-RING_QK_AV = CoreKind("ring_qk_av", _forward, _backward, _probs_shape)
+RING_QK_AV = CoreKind("ring_qk_av", _forward, _backward, _probs_shape, keeps_out=False)
 
 
 def _plan(spec: AttentionSpec) -> Plan:

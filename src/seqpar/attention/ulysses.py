@@ -20,6 +20,7 @@ Heads and the degree U:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -103,9 +104,9 @@ class HeadExchange:
 
 
 def _local_forward(core: Core, q, k, v):
-    plan = core.plan
+    plan = cast(LocalPlan, core.plan)
     if plan.sort is not None:  # tokens in order: one causal call, or one run per document
-        sort, unsort = plan.order(q.device)
+        sort, unsort = plan.sort_indices(q.device)
         q, k, v = (t.index_select(1, sort) for t in (q, k, v))
     if plan.inner is None:
         out, lse = pair_forward(q, k, v, causal=plan.causal, causal_offset=0, scale=core.scale, backend=core.backend)
@@ -120,9 +121,9 @@ def _local_forward(core: Core, q, k, v):
 
 
 def _local_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
-    plan = core.plan
+    plan = cast(LocalPlan, core.plan)
     if plan.sort is not None:
-        sort, unsort = plan.order(q.device)
+        sort, unsort = plan.sort_indices(q.device)
         dout, q, k, v, out = (t.index_select(1, sort) for t in (dout, q, k, v, out))
         lse = lse.index_select(2, sort)
     if plan.inner is None:

@@ -8,9 +8,14 @@ exactly ``ring`` or ``ulysses``, and runs as them.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
+from ..core.errors import ConfigError
+from ..core.layout import Nested
 from ..core.masks import TokenMeta
+from ..core.mesh import Mesh
 from .cores import Core, run_core
 from .plans import LayoutPlan, MetaPlan, Plan, cached_plan
 from .registry import Strategy, get_strategy, register
@@ -36,26 +41,33 @@ class _SortedMetaPlan(MetaPlan):
             key = torch.where(m.doc >= 0, m.doc * span + m.pos, torch.full_like(m.doc, (int(m.doc.max()) + 1) * span))
             sorts.append(torch.sort(key, stable=True).indices)
         super().__init__([TokenMeta(m.pos[s], m.doc[s]) for m, s in zip(metas, sorts)], causal, window)
-        self.sorts = [None if torch.equal(s, torch.arange(s.numel())) else s for s in sorts]
+        self.sorts: list[torch.Tensor | None] = [None if torch.equal(s, torch.arange(s.numel())) else s for s in sorts]
         self._orders: dict = {}
 
     def order(self, rank: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.sorts[rank] is None:
+        sort = self.sorts[rank]
+        if sort is None:
             return None
         key = (rank, str(device))
         if key not in self._orders:
-            self._orders[key] = (self.sorts[rank].to(device), torch.argsort(self.sorts[rank]).to(device))
+            self._orders[key] = (sort.to(device), torch.argsort(sort).to(device))
         return self._orders[key]
 
 
+def _mesh(spec: AttentionSpec) -> Mesh:
+    if spec.mesh is None:  # make_spec refuses usp without a mesh; this keeps the types honest
+        raise ConfigError("strategy='usp' needs a 2-D mesh: seqpar.init(sp=N, ulysses=u), or pass mesh=")
+    return spec.mesh
+
+
 def _ring_plan(spec: AttentionSpec) -> Plan:
-    mesh = spec.mesh
+    mesh = _mesh(spec)
     u, r = mesh.ulysses, mesh.ring
 
     def build() -> Plan:
         metas = token_metas(spec)
         if metas is None:
-            return LayoutPlan(spec.layout.outer, r, spec.local * u, spec.causal)
+            return LayoutPlan(cast(Nested, spec.layout).outer, r, spec.local * u, spec.causal)
         # ring rank g holds the gathered tokens of sp ranks g*u .. g*u+u-1
         return _SortedMetaPlan([TokenMeta(torch.cat([metas[g * u + i].pos for i in range(u)]),
                                           torch.cat([metas[g * u + i].doc for i in range(u)])) for g in range(r)],
@@ -72,9 +84,9 @@ class UspStrategy(Strategy):
     name = "usp"
 
     def _pure(self, spec: AttentionSpec) -> Strategy | None:
-        if spec.mesh.ulysses == 1:
+        if _mesh(spec).ulysses == 1:
             return get_strategy("ring")
-        if spec.mesh.ring == 1:
+        if _mesh(spec).ring == 1:
             return get_strategy("ulysses")
         return None
 
@@ -82,7 +94,7 @@ class UspStrategy(Strategy):
         pure = self._pure(spec)
         if pure is not None:  # the 1-D cases are exactly those strategies
             return pure.prepare(spec)
-        mesh = spec.mesh
+        mesh = _mesh(spec)
         return Core(RING, _ring_plan(spec), mesh.ring_group, mesh.rank("ring"), spec.scale, spec.backend,
                     spec.ring_transport, spec.masked and spec.fused)
 
@@ -90,6 +102,6 @@ class UspStrategy(Strategy):
         pure = self._pure(spec)
         if pure is not None:
             return pure.run(spec, core, q, k, v)
-        ex = HeadExchange(spec.mesh.ulysses_group, spec.heads, spec.kv_heads)
+        ex = HeadExchange(_mesh(spec).ulysses_group, spec.heads, spec.kv_heads)
         out, lse = run_core(core, *ex.scatter_heads(q, k, v))
         return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -74,7 +75,11 @@ def _done(x: torch.Tensor, async_op: bool):
     return Pending([], x) if async_op else x
 
 
-def all_gather_tensor(x: torch.Tensor, dim: int, group, *, async_op: bool = False):
+@overload
+def all_gather_tensor(x: torch.Tensor, dim: int, group, *, async_op: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def all_gather_tensor(x: torch.Tensor, dim: int, group, *, async_op: Literal[True]) -> Pending: ...
+def all_gather_tensor(x: torch.Tensor, dim: int, group, *, async_op: bool = False):  # noqa: E302
     """Every rank's ``x`` concatenated along ``dim`` in rank order, without autograd.
 
     ``[.., n, ..] -> [.., N*n, ..]``.  Communication: one all-gather of ``x``.  With
@@ -97,7 +102,11 @@ def all_gather_tensor(x: torch.Tensor, dim: int, group, *, async_op: bool = Fals
     return Pending([work], out, finish) if async_op else finish(out)
 
 
-def reduce_scatter_tensor(x: torch.Tensor, dim: int, group, *, async_op: bool = False):
+@overload
+def reduce_scatter_tensor(x: torch.Tensor, dim: int, group, *, async_op: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def reduce_scatter_tensor(x: torch.Tensor, dim: int, group, *, async_op: Literal[True]) -> Pending: ...
+def reduce_scatter_tensor(x: torch.Tensor, dim: int, group, *, async_op: bool = False):  # noqa: E302
     """``x`` summed over the group, this rank's chunk along ``dim``, without autograd.
 
     ``[.., N*n, ..] -> [.., n, ..]``; ``x.shape[dim]`` must be divisible by N.  Communication:
@@ -461,7 +470,8 @@ class RingCarry:
     """
 
     def __init__(self, ring: RingExchange):
-        self.ring, self._pending = ring, None
+        self.ring = ring
+        self._pending: Pending | None = None
 
     def add(self, contribution: torch.Tensor) -> None:
         if self._pending is not None:
@@ -469,6 +479,8 @@ class RingCarry:
         self._pending = self.ring.start(contribution)
 
     def total(self) -> torch.Tensor:
+        if self._pending is None:
+            raise RuntimeError("RingCarry.total() before any add(): call add() once per rotate() step")
         out, self._pending = self._pending.wait(), None
         return out
 
@@ -477,7 +489,7 @@ class _KeepAlive:
     """Holds a tensor referenced by an in-flight transfer until the handle is waited on."""
 
     def __init__(self, t: torch.Tensor):
-        self.t = t
+        self.t: torch.Tensor | None = t
 
     def wait(self) -> None:
         self.t = None

@@ -47,6 +47,7 @@ import torch
 from .errors import ConfigError, ShapeError
 from .merge import accumulation_dtype, merge, merge_into
 from .stats import record_kernel, record_work, tracking
+from .varlen import CUDA_OPS, varlen_backward, varlen_forward
 
 __all__ = [
     "Task", "mask_pieces", "offset_pairs", "accumulation_dtype", "attention_with_lse", "pair_forward",
@@ -302,59 +303,6 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
     else:
         raise ConfigError(f"unknown attention backend {backend!r}")
     return _bhsd(dq), fold_kv_grad(_bhsd(dk), hkv), fold_kv_grad(_bhsd(dv), hkv)
-
-
-# --------------------------------------------------------------------------- variable-length (masked) blocks
-
-
-def _flash_varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, window):
-    res = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                  scale=scale, **window)
-    return res[0], res[1]
-
-
-def _flash_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
-                           window):
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)  # philox state: unused without dropout
-    return torch.ops.aten._flash_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal,
-                                                    empty, empty, scale=scale, **window)
-
-
-#: the CUDA variable-length kernels, called only through this table: tests replace them with emulations
-#: to run (and inspect) the CUDA dispatch on CPU
-CUDA_OPS = {"flash_varlen_forward": _flash_varlen_forward, "flash_varlen_backward": _flash_varlen_backward}
-
-
-def _window_args(left: int, right: int) -> tuple[bool, dict]:
-    """flash-attn's (is_causal, window_size_*) for a bottom-right-aligned band ``[i + c - left, i + c + right]``
-    (-1: unbounded): causal is the band (-1, 0), no mask is (-1, -1)."""
-    if left < 0 and right == 0:
-        return True, {}
-    if left < 0 and right < 0:
-        return False, {}
-    return False, {"window_size_left": left, "window_size_right": right}
-
-
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, scale: float, window: tuple[int, int]):
-    """Attention of packed sequences: q ``[T_q, H, D]``, k/v ``[T_k, Hkv, D]`` cut by ``cu_q``/``cu_k`` (int32,
-    on the device) into sequences that each see a bottom-right-aligned band ``window=(left, right)`` of keys.
-
-    Returns (out ``[T_q, H, D]`` in q's dtype, lse ``[H, T_q]`` float32).  One flash-attn varlen call
-    (CUDA, fp16/bf16, native GQA).  No communication.
-    """
-    record_kernel("flash_varlen")
-    causal, win = _window_args(*window)
-    return CUDA_OPS["flash_varlen_forward"](q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, win)
-
-
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, *, scale: float,
-                    window: tuple[int, int]):
-    """Gradients (dq, dk, dv) of :func:`varlen_forward` given the rows' *final* out and lse ``[H, T_q]``.
-
-    Like :func:`block_backward`, per key block with the merged out/lse the gradients sum to the full ones.
-    """
-    causal, win = _window_args(*window)
-    return CUDA_OPS["flash_varlen_backward"](dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, win)
 
 
 # --------------------------------------------------------------------------- the dense math kernel

@@ -219,6 +219,8 @@ def resolve_seq_info(lay: Layout, n: int, seq_len: int | None, cu_seqlens=None, 
         return info
     if cu_seqlens is not None:
         return seq_info(lay, n, cu_seqlens=cu_seqlens)
+    if seq_len is None:
+        raise ShapeError("give seq_len, cu_seqlens or seq_info: the sequence's length is needed to place its tokens")
     if not pad:
         lay.check(seq_len, n)
         return seq_info(lay, n, seq_len=seq_len, exact=True)

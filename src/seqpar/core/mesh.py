@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ class Mesh:
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
-    device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+    device_mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh, None without a process group
     groups: dict = field(default_factory=dict)
 
     @property
@@ -190,8 +191,7 @@ def init(sp: int | None = None, ulysses: int | None = None, ring: int | None = N
     """
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         backend = backend or default_backend()
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout) if timeout else None)
     world = dist.get_world_size() if dist.is_initialized() else 1
     dp, ring, ulysses, tp = _resolve_degrees(world, sp, ulysses, ring, tp, dp)
     mesh = Mesh(dp=dp, ring=ring, ulysses=ulysses, tp=tp)

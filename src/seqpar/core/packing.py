@@ -16,11 +16,15 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ShapeError, check
 from .masks import TokenMeta
+
+if TYPE_CHECKING:  # layout imports this module
+    from .layout import Layout
 
 __all__ = ["SeqInfo", "seq_info", "layout_unit"]
 
@@ -35,7 +39,7 @@ def layout_unit(layout, n: int) -> int:
 class SeqInfo:
     """How a (packed, possibly padded) global sequence is spread over ``n`` ranks in ``layout``."""
 
-    layout: object  # seqpar.layout.Layout
+    layout: Layout
     n: int
     cu_seqlens: tuple[int, ...]
     padded_cu_seqlens: tuple[int, ...]

@@ -40,13 +40,15 @@ class GatherLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(weight.dtype)
         total = all_gather_tensor(x, ctx.dim, ctx.group, async_op=True) if need_w else None
-        grad_total = grad_out.matmul(weight) if need_x else None  # overlaps the all-gather
-        grad_x = reduce_scatter_tensor(grad_total, ctx.dim, ctx.group, async_op=True) if need_x else None
+        pending_x = None
+        if need_x:  # the input gradient's matmul overlaps the all-gather, its reduce-scatter the weight's matmul
+            pending_x = reduce_scatter_tensor(grad_out.matmul(weight), ctx.dim, ctx.group, async_op=True)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = grad_b = None
-        if need_w:  # overlaps the reduce-scatter
+        grad_w = grad_b = grad_x = None
+        if total is not None:
             grad_w = g2.t().matmul(total.wait().reshape(-1, x.shape[-1])).to(ctx.dtypes[0])
         if need_b:
             grad_b = g2.sum(0).to(ctx.dtypes[1])
-        grad_x = grad_x.wait().to(ctx.dtypes[2]) if need_x else None
+        if pending_x is not None:
+            grad_x = pending_x.wait().to(ctx.dtypes[2])
         return grad_x, grad_w, grad_b, None, None

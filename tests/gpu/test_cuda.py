@@ -303,6 +303,7 @@ def compiled_worker(device: str, strategy: str, degrees: dict, backend: str):
                              device=device)
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="on CPU tests/attention/test_hot_path.py covers the compiled path")
 @pytest.mark.parametrize("world,strategy,degrees", [(2, "ring", {}), (2, "ulysses", {}),
                                                     (4, "usp", {"sp": 4, "ulysses": 2})], ids=["ring", "ulysses", "usp"])
 def test_compiled_equals_eager(pool, world, strategy, degrees):

@@ -116,7 +116,7 @@ class Plan:
 
     def block(self, q_rank: int, kv_rank: int, device, fused: bool) -> Block:
         """The device-resident work of a pair; ``fused``: masked blocks may use variable-length calls."""
-        key = (q_rank, kv_rank, str(device), fused)
+        key = (q_rank, kv_rank, device, fused)
         hit = self._blocks.get(key)
         if hit is None:
             calls = self._build_varlen(q_rank, kv_rank) if fused else None

@@ -39,7 +39,7 @@ def _ring_forward(core: Core, q, k, v):
     if order is not None:  # every rank puts its tokens in the plan's order, so blocks arrive in it
         q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
     acc_out, acc_lse = empty_accumulators(q)
-    for src, kv in RingExchange(core.group, core.ring_transport).rotate(torch.stack([k, v])):
+    for src, kv in RingExchange.of(core.group, core.ring_transport).rotate(torch.stack([k, v])):
         block = core.plan.block(core.rank, src, q.device, core.fused)
         if not block.empty:
             forward_block(q, kv[0], kv[1], block, acc_out, acc_lse, scale=core.scale, backend=core.backend)
@@ -61,7 +61,7 @@ def _ring_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
 
 
 def _ring_grads(core: Core, dout, q, k, v, out, lse):
-    ring = RingExchange(core.group, core.ring_transport)
+    ring = RingExchange.of(core.group, core.ring_transport)
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     carry = ring.carry()  # dK/dV of each block travel with it and arrive home after N hops

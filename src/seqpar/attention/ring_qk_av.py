@@ -37,7 +37,7 @@ def _forward(core: Core, q, k, v):
     b, local, h, _ = q.shape
     acc = accumulation_dtype(q.dtype)
     qa = q.to(acc)
-    ring = RingExchange(core.group, core.ring_transport)
+    ring = RingExchange.of(core.group, core.ring_transport)
     scores = q.new_empty((b, h, local, n * local), dtype=acc)
     for src, kb in ring.rotate(k):  # RingQK
         s = torch.einsum("bihd,bjhd->bhij", qa, expand_kv(kb, h).to(acc)) * scale
@@ -59,7 +59,7 @@ def _backward(core: Core, dout, q, k, v, out, lse, probs):
     local, h, hkv, scale = q.shape[1], q.shape[2], k.shape[2], core.scale
     acc = probs.dtype
     do = dout.to(acc)
-    ring = RingExchange(core.group, core.ring_transport)
+    ring = RingExchange.of(core.group, core.ring_transport)
     dp = torch.empty_like(probs)
     carry = ring.carry()
     for src, vb in ring.rotate(v):  # dP = dO V^T per block; dV = P^T dO travels home

@@ -458,6 +458,19 @@ class RingExchange:
         """A per-block accumulator travelling with the blocks of :meth:`rotate` (see :class:`RingCarry`)."""
         return RingCarry(self)
 
+    @staticmethod
+    def of(group, ring_transport: str = "auto") -> RingExchange:
+        """The (stateless, so shareable) exchange of ``group``, made once per group and transport: the
+        ranks of the neighbours and the transport are looked up once, not on every ring."""
+        key = (group, ring_transport)
+        ring = _RINGS.get(key)
+        if ring is None:
+            ring = _RINGS[key] = RingExchange(group, ring_transport)
+        return ring
+
+
+_RINGS: dict = {}
+
 
 class RingCarry:
     """Sum contributions to a block that visits every rank, delivering the total to the block's owner.

@@ -47,7 +47,7 @@ class _Traced:
         self.spec, self.core = spec, core
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _prepare_traced(q_meta, k_meta, v_meta, mesh, group, layout, seq_info, options) -> _Traced:
     """:func:`_prepare` for ``torch.compile``: Dynamo calls it once per trace with constants (shapes, dtypes,
     devices, the mesh, group, layout and packing objects) and keeps its result as a constant."""

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .errors import ConfigError, check
 
 __all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "resolve_mesh", "group_size", "group_rank",
-           "default_backend", "on_cuda_backend", "SINGLE", "SingleProcess", "group_name"]
+           "default_backend", "on_cuda_backend", "SINGLE", "SingleProcess"]
 
 DIMS = ("dp", "ring", "ulysses", "tp")
 
@@ -277,7 +277,3 @@ def group_rank(group) -> int:
             return 0
     return dist.get_rank(group)
 
-
-def group_name(group) -> str:
-    """A string naming ``group`` (its c10d name; "" for :data:`SINGLE`), for logs and op arguments."""
-    return "" if group is SINGLE else str(getattr(group, "group_name", id(group)))

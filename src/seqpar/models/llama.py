@@ -19,6 +19,7 @@ convert from / to the single-device names (q_proj, k_proj, v_proj, gate, up...).
 from __future__ import annotations
 
 import zlib
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp_on: bool, strategy: str, layout: str, kw):
         super().__init__()
-        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.kv_heads, cfg.d
         self.group = self.h // self.hkv
         self.mesh, self.strategy, self.layout, self.theta = mesh, strategy, layout, cfg.rope_theta or 10000.0
         self.name = "attention"  # set to layers.{i}.attn by the model, for error messages
@@ -135,12 +136,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         cfg = self.config = get_config(config)
         mesh = self.mesh = resolve_mesh(mesh)
-        check(cfg.num_key_value_heads % mesh.tp == 0, ShapeError,
+        check(cfg.kv_heads % mesh.tp == 0, ShapeError,
               f"kv heads={cfg.num_key_value_heads} not divisible by tp={mesh.tp}: each tensor-parallel rank needs "
               f"whole kv groups; use tp dividing {cfg.num_key_value_heads}")
         self.sequence_parallel = sp_on = sequence_parallel and mesh.tp > 1
         self.strategy, self.layout = strategy, layout
-        kw = {"dtype": dtype, "device": device}
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh=mesh, sequence_parallel=sp_on, **kw)
         self.layers = nn.ModuleList(Block(cfg, mesh, sp_on, strategy, layout, kw) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=1e-5, sequence_parallel=sp_on, **kw)
@@ -148,8 +149,13 @@ class LlamaForCausalLM(nn.Module):
                                             sequence_parallel=sp_on, **kw)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.embed.weight  # both are this rank's [V/t, h] rows
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             layer.attn.name = f"layers.{i}.attn"
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The decoder blocks, typed (:attr:`layers` is the ``nn.ModuleList`` that registers them)."""
+        return cast("list[Block]", list(self.layers))
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens=None, seq_info=None, window=None, cache=None) -> torch.Tensor:
@@ -192,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the single-device state (:meth:`full_state_dict`)."""
         c = self.config
-        h, hkv, d, f, hid = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.ffn_hidden_size, c.hidden_size
+        h, hkv, d, f, hid = c.num_attention_heads, c.kv_heads, c.d, c.ffn_hidden_size, c.hidden_size
         shapes = {"embed.weight": (c.vocab_size, hid), "norm.weight": (hid,)}
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -217,10 +223,10 @@ class LlamaForCausalLM(nn.Module):
         optimizer moment).  One table serves gathering, loading and sharded checkpoints.
         """
         source = source or (lambda p: p)
-        c, g = self.config, self.config.num_attention_heads // self.config.num_key_value_heads
-        d, hid = c.head_dim, c.hidden_size
+        c, g = self.config, self.config.num_attention_heads // self.config.kv_heads
+        d, hid = c.d, c.hidden_size
         out = [StateEntry("embed.weight", source(self.embed.weight), 0)]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             p = f"layers.{i}."
             # fused rows per kv group: [q heads of the group, k, v]; this rank holds Hkv/t groups
             qkv = source(layer.attn.qkv.weight).view(-1, g + 2, d, hid)
@@ -254,10 +260,16 @@ class LlamaForCausalLM(nn.Module):
         A collective over the tp group: every tp rank must call it.
         """
         source = source or ((lambda p: p.grad) if grads else (lambda p: p))
-        group = self.mesh.tp_group
         with torch.no_grad():
-            return {e.name: e.get().clone() if e.dim is None else comm._all_gather(e.get(), e.dim, group)
-                    for e in self.entries(source)}
+            return {e.name: self._gathered(e) for e in self.entries(source)}
+
+    def _gathered(self, e: StateEntry) -> torch.Tensor:
+        """``e``'s single-device tensor: a copy when replicated, else the tp ranks' shards concatenated."""
+        if e.dim is None:
+            return e.get().clone()
+        if self.mesh.tp == 1:  # nothing to gather (and group None would mean the default mesh's sp group)
+            return e.get()
+        return comm.all_gather(e.get(), e.dim, self.mesh.tp_group)
 
 
 class StateEntry:

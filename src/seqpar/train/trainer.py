@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import layout as layout_mod
+from ..core.comm import reduce_in_place
 from ..core.configs import FIELD_NAMES, get_config
 from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
 from ..core.layout import LAYOUTS
@@ -250,8 +251,7 @@ def _accuracy(model, data, cfg, mesh, device) -> float:
             pred = vocab_parallel_argmax(model(ids), group=mesh.tp_group)
             valid = labels != IGNORE
             stats = torch.tensor([float(((pred == labels) & valid).sum()), float(valid.sum())])
-            if mesh.dp_sp_group is not None:
-                dist.all_reduce(stats, group=mesh.dp_sp_group)
+            reduce_in_place(stats, mesh.dp_sp_group)
             correct, total = correct + stats[0].item(), total + stats[1].item()
     return correct / max(total, 1.0)
 

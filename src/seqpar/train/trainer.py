@@ -24,11 +24,12 @@ from ..core.configs import get_config
 from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
 from ..core.mesh import Mesh, init
 from ..models import LlamaForCausalLM
+from ..models.recompute import MemoryConfig
 from ..tp._base import skip_init
 from ..tp.cross_entropy import vocab_parallel_argmax
 from .data import make_data
-from .grads import clip_grad_norm, sync_gradients
-from .loss import IGNORE, causal_lm_loss
+from .fsdp import check_zero_stage, clip_gradients, reduce_gradients, shard_model
+from .loss import IGNORE, causal_lm_loss, global_token_mean
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -63,6 +64,14 @@ class TrainConfig:
     eval_batches: int = 2
     peak_tflops: float | None = None  # per device, for the MFU estimate (989 for an H100 in bf16)
     timeout: float = 600.0  # seconds a collective may wait before the run fails (when seqpar starts the group)
+    # memory beyond attention (seqpar.models.recompute, seqpar.train.fsdp); none changes the results
+    recompute: str = "none"  # "none" | "selective" | "full"
+    offload: bool = False  # recompute="full": checkpointed layer inputs in host memory
+    checkpoint_every: int = 1  # recompute="full": checkpoint every k-th layer's input (chains of k layers)
+    mlp_tiles: int = 1  # each MLP block over this many sequence tiles
+    loss_chunk: int = 0  # > 0: the loss from the hidden states, this many tokens at a time (no logits)
+    zero_stage: int = 0  # 0, 2 or 3: FSDP2 over dp x sp for 2 and 3
+    offload_optimizer: bool = False  # zero_stage 2/3: sharded params, grads, optimizer state in host memory
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -75,7 +84,16 @@ class TrainConfig:
         check(cfg.steps >= 1 and cfg.micro_batch >= 1 and cfg.seq_len >= 2, ConfigError,
               "steps, micro_batch must be >= 1 and seq_len >= 2")
         get_config(cfg.model)  # names a missing key or an unknown model now, not on every rank later
+        cfg.memory()  # names a bad memory setting now
+        check_zero_stage(cfg.zero_stage, cfg.offload_optimizer)
+        check(isinstance(cfg.loss_chunk, int) and cfg.loss_chunk >= 0, ConfigError,
+              f"loss_chunk={cfg.loss_chunk!r}: tokens per loss chunk, a positive int (0: the loss from the logits)")
         return cfg
+
+    def memory(self) -> MemoryConfig:
+        """The model's memory settings (raises ConfigError naming a bad one)."""
+        return MemoryConfig(recompute=self.recompute, offload=self.offload, mlp_tiles=self.mlp_tiles,
+                            checkpoint_every=self.checkpoint_every)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -162,11 +180,14 @@ def _step(model, opt, data, cfg: TrainConfig, mesh: Mesh, step: int, device) -> 
     ids, labels = _local_batch(data, cfg, mesh, step, device, model.config.vocab_size)
     for g in opt.param_groups:
         g["lr"] = _lr(cfg, step)
-    out = causal_lm_loss(model(ids), labels, mesh)
+    if cfg.loss_chunk:
+        out = global_token_mean(model(ids, labels=labels, loss_chunk=cfg.loss_chunk), labels, mesh)
+    else:
+        out = causal_lm_loss(model(ids), labels, mesh)
     out.loss.backward()
-    sync_gradients(model, mesh)
+    reduce_gradients(model, mesh)  # FSDP or not
     if cfg.grad_clip:
-        clip_grad_norm(model, cfg.grad_clip, mesh)
+        clip_gradients(model, cfg.grad_clip, mesh)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(out.value)
@@ -187,8 +208,11 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None,
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
     with skip_init():  # init_weights draws the same weights at every layout
         model = LlamaForCausalLM(cfg.model, mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
-                                 sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device)
+                                 sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device,
+                                 **dataclasses.asdict(cfg.memory()))
     model.init_weights(cfg.seed)
+    if cfg.zero_stage:
+        shard_model(model, mesh, zero_stage=cfg.zero_stage, offload_optimizer=cfg.offload_optimizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     data = make_data(cfg.data, model.config.vocab_size, cfg.seq_len, cfg.seed)
     start = 0

@@ -16,14 +16,15 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 from ..core.errors import SeqParError
 
 __all__ = ["add_parser", "generate_worker"]
 
 #: the model used without --model: small and random, for trying the command and --check
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-            vocab_size=256)
+TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=2, vocab_size=256)
 
 
 def _load(ns: dict, device):
@@ -41,8 +42,9 @@ def _load(ns: dict, device):
             tok = None
     else:
         torch.manual_seed(ns["seed"])
-        config = transformers.LlamaConfig(**TINY, max_position_embeddings=max(4096, 2 * ns["prompt_len"]),
-                                          attn_implementation="sdpa")
+        extra: dict[str, Any] = {"max_position_embeddings": max(4096, 2 * ns["prompt_len"]),
+                                 "attn_implementation": "sdpa"}
+        config = transformers.LlamaConfig(**TINY, **extra)
         model, tok = transformers.LlamaForCausalLM(config).to(dtype), None
     return model.to(device).eval(), tok
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import SeqParError, ShapeError, check
+from ..core.mesh import Mesh
 
 __all__ = ["KVCache", "LayerCache", "CacheError"]
 
@@ -37,6 +38,10 @@ class LayerCache:
     (:meth:`drop_front` forgets the others).  Storage has spare capacity (``reserve`` at
     creation); a full buffer first reuses the room freed at its front, then doubles, so
     appending one decoded token is a copy into place, amortised O(1).
+
+    A decode step is a transaction: :meth:`begin` marks where it starts, :meth:`append` adds
+    the step's token, and :meth:`commit` keeps it or :meth:`rollback` undoes it (a step that
+    failed part-way leaves the layer as it was).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
@@ -46,7 +51,7 @@ class LayerCache:
         self._k = k.new_empty(b, h, s + max(reserve, 0), d)
         self._v = v.new_empty(b, h, s + max(reserve, 0), d)
         self._start = self._end = 0  # the live tokens are storage slots [start, end)
-        self._step = 0  # tokens appended since the current decode step began (undone by rollback)
+        self._step = 0  # tokens appended since begin() (undone by rollback)
         self._write(k, v)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -72,6 +77,7 @@ class LayerCache:
 
     @property
     def capacity(self) -> int:
+        """Token slots allocated (live, freed at the front, and spare)."""
         return self._k.shape[2]
 
     def reserve(self, extra: int) -> None:
@@ -112,6 +118,20 @@ class LayerCache:
         self._write(k, v)
         self._step += m
 
+    def begin(self) -> None:
+        """Start a decode step: the appends from here on are undone by :meth:`rollback`."""
+        self._step = 0
+
+    def commit(self) -> None:
+        """End the step, keeping its appends."""
+        self._step = 0
+
+    def rollback(self) -> None:
+        """Undo the appends since :meth:`begin`.  (Tokens :meth:`drop_front` forgot stay forgotten: the
+        window only drops keys outside every later query's window, so they are never needed again.)"""
+        self._end -= self._step
+        self._step = 0
+
     def drop_front(self, count: int) -> None:
         """Forget the ``count`` oldest live tokens (outside every future query's sliding window)."""
         self._start += min(max(count, 0), self.len)
@@ -136,10 +156,13 @@ class KVCache:
         rank, n: this rank's index in the sequence-parallel group and the group's size.
         mesh: the mesh the cache was filled on (its ``sp_group`` merges decode attention).
 
-    Built by :func:`seqpar.inference.prefill`; advanced by :func:`seqpar.inference.decode_step`.
+    Built by :func:`seqpar.inference.prefill` (which stores each layer's prompt keys with
+    :meth:`fill`); advanced by :func:`seqpar.inference.decode_step`, one transaction per token:
+    :meth:`begin`, one append per layer on the token's owner, then :meth:`commit` (or
+    :meth:`rollback` if the step failed).
     """
 
-    def __init__(self, *, mesh, rank: int, n: int, lengths: list[int], positions: torch.Tensor, prompt_len: int,
+    def __init__(self, *, mesh: Mesh, rank: int, n: int, lengths: list[int], positions: torch.Tensor, prompt_len: int,
                  num_layers: int, batch: int):
         check(len(lengths) == n and lengths[rank] == positions.numel(), ShapeError,
               f"lengths {lengths} do not describe {n} ranks with {positions.numel()} tokens on rank {rank}")
@@ -203,24 +226,54 @@ class KVCache:
             self._prompt_positions[:0]
         return torch.cat([prompt, prompt.new_tensor(decoded)])
 
-    def _begin_step(self) -> None:
+    def fill(self, index: int, k: torch.Tensor, v: torch.Tensor, reserve: int = 0) -> LayerCache:
+        """Store layer ``index``'s prompt keys and values ``[B, n, Hkv_local, D]`` (copied: never aliases
+        the activations), with room for ``reserve`` more tokens.  Returns the new :class:`LayerCache`."""
+        check(0 <= index < len(self.layers), CacheError,
+              f"layer {index} is not a layer of this {len(self.layers)}-layer cache: the model's attention "
+              f"modules must number their layers 0..{len(self.layers) - 1}")
+        layer = self.layers[index] = LayerCache(k, v, reserve=reserve)
+        return layer
+
+    def layer(self, index: int) -> LayerCache:
+        """Layer ``index``'s cache; a CacheError if prefill did not fill it."""
+        check(0 <= index < len(self.layers), CacheError,
+              f"layer {index} is not a layer of this {len(self.layers)}-layer cache: use the cache prefill "
+              f"returned for this model")
+        layer = self.layers[index]
+        if layer is None:
+            raise CacheError(f"layer {index} of the cache was never filled: use the cache prefill returned for "
+                             f"this model")
+        return layer
+
+    def missing(self) -> list[int]:
+        """Indices of the layers prefill did not fill (empty for a usable cache)."""
+        return [i for i, layer in enumerate(self.layers) if layer is None]
+
+    def begin(self) -> None:
+        """Start a decode step: every layer's appends from here on are undone by :meth:`rollback`."""
         for layer in self.layers:
             if layer is not None:
-                layer._step = 0
+                layer.begin()
 
-    def _commit(self, owner: int, position: int) -> None:
-        """Record one decoded token stored on ``owner`` at global ``position`` (after every layer appended)."""
+    def commit(self, owner: int, position: int) -> None:
+        """End the step: record its token, stored on rank ``owner`` at global ``position`` (call it after
+        every layer appended, on every rank alike: all ranks keep the same :attr:`lengths`)."""
+        check(0 <= owner < self.n, CacheError, f"owner {owner} is not a rank of this {self.n}-rank cache")
+        for layer in self.layers:
+            if layer is not None:
+                layer.commit()
         self.lengths[owner] += 1
         if owner == self.rank:
             self._decoded_positions.append(position)
 
-    def _rollback(self) -> None:
-        """Undo the appends of a decode step that failed part-way.  (Tokens a window layer dropped stay
-        dropped: they are outside the window of the step's query, and so of every later one.)"""
+    def rollback(self) -> None:
+        """Undo the appends of a decode step that failed part-way: the cache is as :meth:`begin` found it.
+        (Tokens a window layer dropped stay dropped: they are outside the window of the step's query,
+        and so of every later one.)"""
         for layer in self.layers:
             if layer is not None:
-                layer._end -= layer._step
-                layer._step = 0
+                layer.rollback()
 
     def __len__(self) -> int:
         return len(self.layers)

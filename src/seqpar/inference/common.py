@@ -1,4 +1,4 @@
-"""What prefill and decode share between the reference model and Hugging Face models.
+"""The model-independent pieces of prefill and decode (every adapter's model goes through them).
 
 * :func:`check_prompt`, :func:`check_tokens`: the input checks every rank makes before any
   collective.

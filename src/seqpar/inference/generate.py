@@ -1,10 +1,15 @@
 """Sequence-parallel prefill into a sharded KV cache, and decode merged by log-sum-exp across ranks.
 
+Written once for every model, against :class:`~seqpar.inference.adapter.InferenceAdapter`
+(:func:`~seqpar.inference.adapter.adapter_for` finds the model's: the reference model's in
+:mod:`seqpar.inference.reference`, Hugging Face models' in :mod:`seqpar.integrations.hf_inference`).
+
 Prefill
     The prompt is sharded over the sequence-parallel group in the model's layout and run
     through the model with any strategy (``ring``, ``usp``...).  Each rank stores the roped
-    keys and values of *its own* tokens; the cache is never gathered.  Only the hidden
-    state of the last prompt token crosses ranks (one all-reduce of ``[B, 1, h]``).
+    keys and values of *its own* tokens (:class:`~seqpar.inference.steps.PrefillStep`); the
+    cache is never gathered.  Only the last prompt token crosses ranks (one all-reduce of its
+    hidden state or its logits, whichever the adapter picks: :class:`~seqpar.inference.adapter.LastToken`).
 
 Decode
     The new token is replicated on every rank (its query, key and value are computed
@@ -14,113 +19,43 @@ Decode
     ``[B, 1, H/t, D+1]`` (out with lse appended), whose size does not depend on how many
     tokens are cached.  The new token's key/value go to one rank only
     (:meth:`KVCache.next_owner`: the rank with the fewest tokens), which appends them
-    *before* attending, so the token also sees itself while the others do not count it twice.
-
-Tensor parallelism (``tp > 1``): heads are split over tp as in training; the cache holds
-``Hkv/t`` heads per rank.  A single decoded token cannot be cut along the sequence for
-Megatron sequence parallelism, so decode (and the last-token LM head) runs the tp modules
-in their replicated mode: column-parallel q/k/v, then o_proj's all-reduce.
+    *before* attending, so the token also sees itself while the others do not count it twice
+    (:class:`~seqpar.inference.steps.DecodeStep`).  A step is a cache transaction
+    (:meth:`KVCache.begin` / :meth:`~KVCache.commit` / :meth:`~KVCache.rollback`): one that fails
+    part-way leaves the cache as it was.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch import nn
 
-from ..attention import STRATEGIES, attention
-from ..core import comm
 from ..core.errors import ConfigError, ShapeError, check
-from ..core.kernels import attention_with_lse
-from ..core.mesh import Mesh, group_rank, group_size
-from ..core.packing import SeqInfo
-from ..tp._base import TPModule
-from . import hf as _hf
-from .cache import CacheError, KVCache, LayerCache
-from .common import check_prompt, check_tokens, decode_attention, merge_over_group, new_cache, split_prompt, token_owner
+from ..core.mesh import Mesh
+from ..core.strategies import SP_STRATEGIES
+from .adapter import InferenceAdapter, LastToken, adapter_for
+from .cache import CacheError, KVCache
+from .common import check_prompt, check_tokens, merge_over_group, new_cache, split_prompt
 from .sampling import Sampler
+from .steps import DecodeStep, PrefillStep
 
 __all__ = ["prefill", "decode_step", "decode", "generate", "merge_over_group"]
 
-_NEEDS = ("embed", "layers", "norm", "lm_head", "hidden_states", "mesh", "layout", "sequence_parallel")
 
-
-def _check_model(model: nn.Module, mesh: Mesh | None) -> Mesh:
-    """The mesh to run on; raise before any collective if the model is not seqpar's reference model."""
-    missing = [a for a in _NEEDS if not hasattr(model, a)]
-    check(not missing, ConfigError,
-          f"{type(model).__name__} lacks {missing}: seqpar.inference drives seqpar.models.LlamaForCausalLM "
-          f"(its per-layer cache hook) or a Hugging Face causal LM prepared by seqpar.integrations.hf.apply")
-    mesh = mesh if mesh is not None else model.mesh
-    check(mesh.sp == model.mesh.sp and mesh.tp == model.mesh.tp, ConfigError,
-          f"mesh {mesh} does not match the model's {model.mesh}: build the model on the mesh you infer with")
-    return mesh
-
-
-@contextlib.contextmanager
-def _replicated_tp(model: nn.Module) -> Iterator[None]:
-    """Run tp modules with ``sequence_parallel=False`` inside the block (a 1-token input cannot be split
-    over tp): embedding and row-parallel outputs are all-reduced instead of reduce-scattered.
-    Restored on exit.  Nothing to do without tensor parallelism."""
-    flipped = [m for m in model.modules()
-               if isinstance(m, TPModule) and getattr(m, "sequence_parallel", False) and m.tp_size > 1]
-    for m in flipped:
-        m.sequence_parallel = False
-    try:
-        yield
-    finally:
-        for m in flipped:
-            m.sequence_parallel = True
-
-
-class _PrefillLayer:
-    """Cache hook of one layer during prefill: keep this rank's real k/v, attend sequence-parallel."""
-
-    def __init__(self, cache: KVCache, index: int, keep: torch.Tensor | None, attend: Callable, reserve: int):
-        self.cache, self.index, self.keep, self.attend, self.reserve = cache, index, keep, attend, reserve
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kk, vv = (k, v) if self.keep is None else (k.index_select(1, self.keep), v.index_select(1, self.keep))
-        self.cache.layers[self.index] = LayerCache(kk, vv, reserve=self.reserve)  # a copy: never aliases activations
-        return self.attend(q, k, v)
-
-
-class _DecodeLayer:
-    """Cache hook of one layer during decode: maybe append, attend the local shard, merge over ranks."""
-
-    def __init__(self, layer: LayerCache, own: bool, group):
-        self.layer, self.own, self.group = layer, own, group
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return decode_attention(self.layer, self.own, q, k, v, self.group)
-
-
-def _local_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return attention_with_lse(q, k, v, causal=True)[0]
-
-
-def _prompt_layout(model, mesh: Mesh, layout, s: int, pad: bool) -> tuple[SeqInfo, object]:
-    """How the prompt splits over the sp group (with Megatron SP each shard is cut again over tp)."""
-    t = mesh.tp if model.sequence_parallel else 1
-    info = split_prompt(layout if layout is not None else model.layout, mesh, s, pad, tp_cut=t)
-    return info, info.layout
-
-
-def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None, strategy: str | None = None, *,
-            layout=None, pad: bool = True, reserve: int = 0) -> tuple[KVCache, torch.Tensor]:
+def prefill(model: Any, input_ids: torch.Tensor, mesh: Mesh | None = None, strategy: str | None = None, *,
+            layout: Any = None, pad: bool = True, reserve: int = 0) -> tuple[KVCache, torch.Tensor]:
     """Run the prompt sequence-parallel and fill this rank's shard of the KV cache.
 
     Args:
         model: a :class:`seqpar.models.LlamaForCausalLM` (any tp; ``sequence_parallel`` either way),
-            or a Hugging Face causal LM prepared by :func:`seqpar.integrations.hf.apply`
-            (see :mod:`seqpar.inference.hf`).
+            a Hugging Face causal LM prepared by :func:`seqpar.integrations.hf.apply`, or any
+            :class:`~seqpar.inference.InferenceAdapter`.
         input_ids: ``[B, S]`` the *full* prompt, identical on every rank; sharded here.
         mesh: defaults to the model's; its sp group shards the prompt and the cache.
         strategy: attention strategy of the prefill (``ring``, ``usp``, ``ulysses``, ``allgather``...);
             default the model's.
-        layout: sequence layout (default the model's), e.g. ``zigzag`` or ``contiguous``.
+        layout: sequence layout (default the model's), e.g. ``zigzag`` or ``contiguous`` (a Hugging
+            Face model runs the layout given to apply()).
         pad: pad a prompt the layout cannot split at its end (padding is masked and never cached);
             ``False`` raises a ShapeError naming the length needed instead.
         reserve: decode tokens to preallocate room for (over all ranks).
@@ -128,67 +63,39 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, mesh: Mesh | None = None,
         ``(cache, logits)``: this rank's :class:`KVCache` (``[B, ~S/sp, Hkv/t, D]`` per layer) and the
         last prompt token's logits ``[B, V/t]`` (vocabulary split over tp), the same on every sp rank.
     Communication: the model's forward on ``S/sp`` tokens (the strategy's attention traffic, tp's
-    collectives), then one all-reduce of ``[B, 1, h]`` over sp (and tp with sequence parallelism) for
-    the last token's hidden state.  The cache itself never moves.
+    collectives), then one all-reduce over sp (and tp with Megatron sequence parallelism) of the
+    last token's hidden state ``[B, 1, h]`` (reference model) or logits ``[B, V]`` (Hugging Face
+    models, whose own head computes them).  The cache itself never moves.
     """
-    if _hf.settings(model) is not None:
-        return _hf.prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=reserve)
-    mesh = _check_model(model, mesh)
-    strategy = strategy or getattr(model, "strategy", "ring")
-    check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
+    adapter = adapter_for(model)
+    mesh = adapter.check_mesh(mesh)
+    strategy = strategy or adapter.strategy
+    check(strategy in SP_STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {SP_STRATEGIES}")
     check_prompt(input_ids, reserve, mesh.sp_group)
     b, s = input_ids.shape
-    n, rank = group_size(mesh.sp_group), group_rank(mesh.sp_group)
-    info, lay = _prompt_layout(model, mesh, layout, s, pad)
-    device = model.embed.weight.device
-    idx = info.indices(rank)
-    cache, keep, spare = new_cache(info, mesh, b, len(model.layers), reserve, device)
-    if n > 1:
-        attend = functools.partial(attention, causal=True, strategy=strategy, mesh=mesh, layout=lay,
-                                   seq_info=info if info.padding else None)
-    else:
-        # one rank holds the padded prompt in order, padding last: plain causal attention is exact for the
-        # real tokens.  (Also keeps a world-1 mesh local: the strategies' group=None would mean the
-        # process's default mesh, a real group, inside a distributed job.)
-        attend = _local_causal
-    hooks = [_PrefillLayer(cache, i, keep, attend, spare) for i in range(len(model.layers))]
-    ids_local = info.pad(input_ids.to(device), 1, 0).index_select(1, idx.to(device))
+    info = split_prompt(adapter.prompt_layout(layout, mesh), mesh, s, pad, tp_cut=adapter.tp_cut)
+    device = adapter.device
+    cache, keep, spare = new_cache(info, mesh, b, adapter.num_layers, reserve, device)
+    idx = info.indices(cache.rank).to(device)
+    step = PrefillStep(cache, keep, spare, strategy, mesh, info)
+    ids_local = info.pad(input_ids.to(device), 1, 0).index_select(1, idx)
     with torch.no_grad():
-        # a single document: RoPE positions are the global ones (padding continues them, masked anyway)
-        h = model.hidden_states(ids_local, position_ids=idx.to(device), cache=hooks)
-        last = _last_token_hidden(h, info, s - 1, mesh, model.sequence_parallel)
-        with _replicated_tp(model):
-            logits = model.lm_head(model.norm(last))  # [B, 1, V/t]
-    return cache, logits[:, 0]
+        # one document: RoPE positions are the global ones (padding continues them and is masked)
+        logits = adapter.logits(ids_local, idx, step, LastToken.of(info, mesh, adapter.tp_cut))
+    missing = cache.missing()
+    check(not missing, CacheError,
+          f"{adapter.name}: layers {missing} did not pass their keys/values to the seqpar attention, so their "
+          f"cache is empty: this architecture cannot decode with seqpar")
+    return cache, logits[:, -1]
 
 
-def _last_token_hidden(h: torch.Tensor, info: SeqInfo, last: int, mesh: Mesh, sp_on_tp: bool) -> torch.Tensor:
-    """``[B, 1, h]`` hidden state of global token ``last``, on every rank, from the one rank that holds it.
-
-    Communication: all-reduce of ``[B, 1, h]`` over sp (and over tp when the model is Megatron
-    sequence-parallel, where the shard is cut again over tp).  Sum with zeros elsewhere: exact.
-    """
-    n = info.n
-    owner, li = token_owner(info, last)
-    mine = mesh.rank("sp") == owner
-    if sp_on_tp:
-        chunk = info.local_len // mesh.tp
-        tp_owner, li = divmod(li, chunk)
-        mine = mine and mesh.rank("tp") == tp_owner
-    x = h[:, li:li + 1] if mine else torch.zeros_like(h[:, :1])
-    if n > 1:
-        x = comm.all_reduce(x, mesh.sp_group)
-    if sp_on_tp:
-        x = comm.all_reduce(x, mesh.tp_group)
-    return x
-
-
-def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:
+def decode_step(model: Any, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:
     """Feed one token per sequence and return the logits of the next one.
 
     Args:
-        model: the model that filled ``cache`` (same mesh): reference or prepared Hugging Face model.
-        cache: from :func:`prefill`; advanced in place (one rank stores the new token).
+        model: the model that filled ``cache`` (same mesh), as :func:`prefill`.
+        cache: from :func:`prefill`; advanced in place (one rank stores the new token).  A step that
+            fails part-way leaves it as it was.
         token_ids: ``[B]`` the newest token of each sequence, identical on every rank.
     Returns:
         ``[B, V/t]`` logits of the following token (vocabulary split over tp), the same on every sp rank.
@@ -198,29 +105,35 @@ def decode_step(model: nn.Module, cache: KVCache, token_ids: torch.Tensor) -> to
     of ``[B, 1, h]`` (and one for the embedding).  The cache is never gathered.
     """
     check(isinstance(cache, KVCache), CacheError, f"cache must be a KVCache from prefill, got {type(cache).__name__}")
-    if _hf.settings(model) is not None:
-        return _hf.decode_step(model, cache, token_ids)
-    mesh = _check_model(model, cache.mesh)
-    check(len(cache.layers) == len(model.layers) and all(layer is not None for layer in cache.layers), CacheError,
-          f"the cache has {len(cache.layers)} layers filled for a model of {len(model.layers)}: "
-          f"use the cache prefill returned for this model")
+    adapter = adapter_for(model)
+    _check_cache(adapter, cache)
     check_tokens(token_ids, cache)
-    device = model.embed.weight.device
+    device = adapter.device
     owner, position = cache.next_owner(), cache.seq_len
-    hooks = [_DecodeLayer(layer, owner == cache.rank, mesh.sp_group) for layer in cache.layers]
-    cache._begin_step()
+    step = DecodeStep(cache, owner, position)
+    cache.begin()
     try:
-        with torch.no_grad(), _replicated_tp(model):
-            logits = model(token_ids.to(device)[:, None], position_ids=torch.tensor([position], device=device),
-                           cache=hooks)
+        with torch.no_grad():
+            logits = adapter.logits(token_ids.to(device)[:, None], torch.tensor([position], device=device), step)
     except BaseException:
-        cache._rollback()
+        cache.rollback()
         raise
-    cache._commit(owner, position)
-    return logits[:, 0]
+    cache.commit(owner, position)
+    return logits[:, -1]
 
 
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mesh: Mesh | None = None,
+def _check_cache(adapter: InferenceAdapter, cache: KVCache) -> None:
+    """A CacheError (on every rank alike) unless ``cache`` was filled for the adapter's model and mesh."""
+    mesh = adapter.mesh
+    check(cache.mesh is mesh or (cache.mesh.sp == mesh.sp and cache.mesh.tp == mesh.tp), CacheError,
+          f"the cache was filled on {cache.mesh}, but {adapter.name} runs on {mesh}: use the cache from its prefill")
+    filled = len(cache.layers) - len(cache.missing())
+    check(len(cache.layers) == adapter.num_layers and filled == adapter.num_layers, CacheError,
+          f"the cache has {len(cache.layers)} layers for a model of {adapter.num_layers} ({filled} layers filled "
+          f"for a model of {adapter.num_layers}): use the cache prefill returned for this model")
+
+
+def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, mesh: Mesh | None = None,
              strategy: str | None = None, *, layout=None, pad: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
@@ -239,7 +152,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mes
     check(isinstance(max_new_tokens, int) and max_new_tokens >= 0, ShapeError,
           f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
     sampler = Sampler(do_sample, temperature, top_k, top_p, seed)  # bad settings fail before the prefill
-    mesh = _hf.check_mesh(model, mesh) if _hf.settings(model) is not None else _check_model(model, mesh)
+    mesh = adapter_for(model).check_mesh(mesh)
     if max_new_tokens == 0:
         return input_ids.clone()
     cache, logits = prefill(model, input_ids, mesh, strategy, layout=layout, pad=pad, reserve=max_new_tokens)
@@ -248,7 +161,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, mes
     return torch.cat([input_ids.to(new.device), new], dim=1)
 
 
-def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *,
+def decode(model: Any, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *,
            sampler: Sampler | None = None, eos_token_id: int | list[int] | None = None,
            pad_token_id: int | None = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after a :func:`prefill` (the cache is advanced in place).

@@ -88,6 +88,24 @@ def shard_batch(batch: Mapping[str, torch.Tensor], mesh: Mesh | None = None, lay
     mesh = resolve_mesh(mesh)
     check_mesh(mesh)
     get_layout(layout)  # a clear error for an unknown name
+    ids = _check_batch(batch)
+    b, s = ids.shape
+    pos, cu = _packing(batch.get("position_ids"), b, s)
+    local_ids, info = shard(ids, 1, layout=layout, mesh=mesh, cu_seqlens=cu, return_info=True)
+    if pos is not None:  # keep the caller's positions (a document may continue at an offset)
+        local_pos = shard(pos, 1, layout=layout, mesh=mesh, cu_seqlens=info.cu_seqlens)
+    else:
+        rank = group_rank(mesh.sp_group)
+        local_pos = info.position_ids(rank).to(ids.device).unsqueeze(0).expand(b, -1)
+    out: dict[str, Any] = {"input_ids": local_ids, "position_ids": local_pos, INFO_KEY: info}
+    labels = batch.get("labels")
+    if labels is not None:
+        out["labels"] = out["shift_labels"] = _shard_labels(labels, (b, s), info, mesh, layout)
+    return out
+
+
+def _check_batch(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``input_ids [B, S]`` of a batch shard_batch can shard, after its checks (keys, mask)."""
     check(isinstance(batch, Mapping) and "input_ids" in batch, ShapeError,
           "batch must be a dict with at least 'input_ids' [B, S]")
     extra = sorted(set(batch) - set(_BATCH_KEYS))
@@ -107,30 +125,29 @@ def shard_batch(batch: Mapping[str, torch.Tensor], mesh: Mesh | None = None, lay
               "into one row with position_ids restarting at 0 at each document instead (seqpar derives cu_seqlens "
               "from them); right padding alone needs no mask in a causal LM: drop the mask and set its labels "
               "to -100")
-    pos = batch.get("position_ids")
-    cu = None
-    if pos is not None:
-        check(isinstance(pos, torch.Tensor) and pos.shape[-1] == s and pos.dim() in (1, 2)
-              and (pos.dim() == 1 or pos.shape[0] in (1, b)), ShapeError,
-              f"position_ids {tuple(pos.shape)} must be [B, S], [1, S] or [S] with S={s}")
-        cu = cu_seqlens_from_position_ids(pos)
-        pos = (pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s)
+    return ids
 
-    local_ids, info = shard(ids, 1, layout=layout, mesh=mesh, cu_seqlens=cu, return_info=True)
-    if pos is not None:  # keep the caller's positions (a document may continue at an offset)
-        local_pos = shard(pos, 1, layout=layout, mesh=mesh, cu_seqlens=info.cu_seqlens)
-    else:
-        rank = group_rank(mesh.sp_group)
-        local_pos = info.position_ids(rank).to(ids.device).unsqueeze(0).expand(b, -1)
-    out: dict[str, Any] = {"input_ids": local_ids, "position_ids": local_pos, INFO_KEY: info}
-    labels = batch.get("labels")
-    if labels is not None:
-        check(isinstance(labels, torch.Tensor) and tuple(labels.shape) == (b, s), ShapeError,
-              f"labels {tuple(getattr(labels, 'shape', ()))} must be [B, S] = {(b, s)} like input_ids")
-        local_labels = shard(shift_labels(labels, list(info.cu_seqlens)), 1, layout=layout, mesh=mesh,
-                             cu_seqlens=info.cu_seqlens, pad_value=IGNORE_INDEX)
-        out["labels"] = out["shift_labels"] = local_labels
-    return out
+
+def _packing(pos: torch.Tensor | None, b: int, s: int) -> tuple[torch.Tensor | None, list[int] | None]:
+    """``(position_ids [B, S], cu_seqlens)`` of packed documents, or ``(None, None)`` without position ids."""
+    if pos is None:
+        return None, None
+    check(isinstance(pos, torch.Tensor) and pos.shape[-1] == s and pos.dim() in (1, 2)
+          and (pos.dim() == 1 or pos.shape[0] in (1, b)), ShapeError,
+          f"position_ids {tuple(pos.shape)} must be [B, S], [1, S] or [S] with S={s}")
+    cu = cu_seqlens_from_position_ids(pos)
+    return (pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s), cu
+
+
+def _shard_labels(labels: torch.Tensor, shape: tuple[int, int], info: SeqInfo, mesh: Mesh, layout: str
+                  ) -> torch.Tensor:
+    """This rank's labels ``[B, S]``, shifted before sharding (``labels[t]`` the target of token ``t``; -100 on
+    padding)."""
+    b, s = shape
+    check(isinstance(labels, torch.Tensor) and tuple(labels.shape) == (b, s), ShapeError,
+          f"labels {tuple(getattr(labels, 'shape', ()))} must be [B, S] = {(b, s)} like input_ids")
+    return shard(shift_labels(labels, list(info.cu_seqlens)), 1, layout=layout, mesh=mesh,
+                 cu_seqlens=info.cu_seqlens, pad_value=IGNORE_INDEX)
 
 
 def batch_info(info: SeqInfo | None, mesh: Mesh, layout: str, local_len: int) -> SeqInfo | None:

@@ -43,7 +43,9 @@ How each piece of the HF model is made exact on a sequence shard:
   :func:`causal_lm_loss` gives the exact global token mean.
 
 Inference: :func:`seqpar.inference.generate` (``prefill``, ``decode_step``) runs a model
-prepared here with a KV cache sharded over the sequence; see :mod:`seqpar.inference.hf`.
+prepared here with a KV cache sharded over the sequence: apply() registers the Hugging Face
+models' inference adapter (:mod:`seqpar.integrations.hf_inference`), and :func:`hf_attention`
+hands each layer's q/k/v to the cache step that inference passes as ``seqpar_cache``.
 
 Refused with a :class:`~seqpar.errors.ConfigError` naming what is missing:
 padding attention masks, ``output_attentions=True``, HF's own KV caches and ``model.generate``,
@@ -66,27 +68,30 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..attention import STRATEGIES, attention
+from ..attention import attention
 from ..core.errors import ConfigError, check
 from ..core.layout import get_layout
 from ..core.mesh import Mesh, resolve_mesh
+from ..core.strategies import SP_STRATEGIES
 from ..train.loss import LossOutput, causal_lm_loss, shift_labels
 from ._hf_batch import INFO_KEY, batch_info, check_mesh, cu_seqlens_from_position_ids, shard_batch
 
 __all__ = ["apply", "shard_batch", "causal_lm_loss", "LossOutput", "shift_labels", "cu_seqlens_from_position_ids",
-           "hf_attention", "ATTN_IMPLEMENTATION", "CACHE_KEY"]
+           "hf_attention", "settings", "HFSettings", "ATTN_IMPLEMENTATION", "CACHE_KEY"]
 
 #: names renamed in 0.2, kept one release: old name -> (new name, object)
 _RENAMED = {"sp_causal_lm_loss": ("causal_lm_loss", causal_lm_loss), "SPLoss": ("LossOutput", LossOutput)}
 
 #: the name under which the attention function is registered with transformers
 ATTN_IMPLEMENTATION = "seqpar"
-#: the keyword under which seqpar.inference hands its sharded KV cache step down to the attention function
+#: the keyword under which seqpar.inference hands its cache step (:class:`seqpar.inference.CacheStep`) down to
+#: the attention function, through the model's forward
 CACHE_KEY = "seqpar_cache"
 #: first transformers release whose mask builders (masking_utils) skip unknown attention implementations
 MIN_TRANSFORMERS = (4, 53)
@@ -110,47 +115,101 @@ _UNSUPPORTED_KWARGS = {
 
 
 @dataclass(eq=False)
-class _Settings:
-    """What apply() chose for one model; stored on every submodule as ``_seqpar_settings``."""
+class HFSettings:
+    """What :func:`apply` chose for one model; stored on every submodule (read it with :func:`settings`).
+
+    Attributes:
+        mesh, strategy, layout: as given to apply().
+        name: the model's class, for messages.
+        expected_calls: attention calls per forward (decoder layers), when known.
+        calls: attention calls in the current forward (reset by the forward pre-hook, checked after it).
+        hooks: the forward hooks apply() installed (removed when apply() is called again).
+    """
 
     mesh: Mesh
     strategy: str
     layout: str
-    name: str  # model class, for messages
-    expected_calls: int | None  # attention calls per forward (decoder layers), when known
-    calls: int = 0  # attention calls in the current forward (reset by the pre-hook)
-    hooks: list = field(default_factory=list)
+    name: str
+    expected_calls: int | None
+    calls: int = 0
+    hooks: list[Any] = field(default_factory=list)
 
-    def __deepcopy__(self, memo: dict) -> _Settings:
+    def __deepcopy__(self, memo: dict[int, Any]) -> HFSettings:
         return self  # process groups cannot be copied: a deep copy of the model shares its mesh and hooks' state
 
 
+#: the attribute under which apply() stores the HFSettings on the model and each of its submodules
+_SETTINGS_ATTR = "_seqpar_settings"
+
+
+def settings(model: nn.Module) -> HFSettings | None:
+    """What :func:`apply` stored on ``model`` (or on any of its submodules); None for a non-HF model.
+
+    Raises a ConfigError for a transformers model that apply() has not prepared.  No communication.
+    """
+    s = getattr(model, _SETTINGS_ATTR, None)
+    if isinstance(s, HFSettings):
+        return s
+    check(not type(model).__module__.startswith("transformers."), ConfigError,
+          f"{type(model).__name__} is a Hugging Face model not prepared for sequence parallelism: call "
+          f"seqpar.integrations.hf.apply(model, mesh, strategy=...) first")
+    return None
+
+
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                      sliding_window: int | None = None, is_causal: bool | None = None, **kwargs: Any
-                      ) -> tuple[torch.Tensor, None]:
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 sliding_window: int | None = None, is_causal: bool | None = None, **kwargs: Any
+                 ) -> tuple[torch.Tensor, None]:
     """The seqpar attention function transformers calls (registered as ``"seqpar"``).
 
     Args:
-        module: the HF attention module (``is_causal``, and the settings apply() put on it).
+        module: the HF attention module (``is_causal``, ``layer_idx``, and the settings apply() put on it).
         query: ``[B, H, S/sp, D]``; key, value: ``[B, Hkv, S/sp, D]`` (this rank's tokens).
         attention_mask: must be None (see the module docs: HF builds no mask for "seqpar").
         scaling: softmax scale (the module's; None = 1/sqrt(D)).
         dropout: must be 0.
         sliding_window: HF's window size W (key j visible to query i iff i - W < j <= i), or None.
         kwargs: HF's per-call keywords; ``seqpar_info`` from shard_batch is used, ``seqpar_cache``
-            (from seqpar.inference) stores keys/values in prefill and switches to decode, the
-            ones in ``_UNSUPPORTED_KWARGS`` are refused when set.
+            (a :class:`seqpar.inference.CacheStep` from seqpar.inference's prefill or decode) takes
+            the layer's q/k/v instead of :func:`seqpar.attention`, the ones in
+            ``_UNSUPPORTED_KWARGS`` are refused when set.
 
     Returns:
         ``(out [B, S/sp, H, D], None)``: HF's convention (attention weights are never materialised).
 
-    Communication: that of the strategy chosen in apply() over ``mesh.sp_group``.
+    Communication: that of the strategy chosen in apply() over ``mesh.sp_group`` (or the cache step's).
     """
-    s: _Settings | None = getattr(module, "_seqpar_settings", None)
-    check(s is not None, ConfigError,
-          f"{type(module).__name__} runs attn_implementation='seqpar' but its model was not prepared: call "
-          f"seqpar.integrations.hf.apply(model, mesh) (it also sets up the mesh, strategy and input checks)")
+    s = getattr(module, _SETTINGS_ATTR, None)
+    if not isinstance(s, HFSettings):
+        raise ConfigError(f"{type(module).__name__} runs attn_implementation='seqpar' but its model was not "
+                          f"prepared: call seqpar.integrations.hf.apply(model, mesh) (it also sets up the mesh, "
+                          f"strategy and input checks)")
+    _check_call(s, query, key, attention_mask, dropout, kwargs)
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    window = _checked_window(s, sliding_window, causal)
+    s.calls += 1
+    # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    step = kwargs.get(CACHE_KEY)  # seqpar.inference's prefill or decode step, None in training
+    if step is not None:
+        check(causal, ConfigError, f"{s.name}: seqpar inference needs a causal LM (this attention has is_causal=False)")
+        return step.attend(_layer_index(module), q, k, v, scale=scaling, window=window), None
+    n, local = s.mesh.sp, query.shape[2]
+    info = batch_info(kwargs.get(INFO_KEY), s.mesh, s.layout, local)
+    bounds = None
+    if window is not None:
+        cu = info.padded_cu_seqlens if info is not None else (0, local * n)
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if window < longest:  # a window as long as every document is no window (cheaper plan)
+            bounds = (window - 1, 0)
+    out = attention(q, k, v, causal=causal, strategy=s.strategy, mesh=s.mesh, layout=s.layout, seq_info=info,
+                    scale=scaling, window=bounds)
+    return out, None
+
+
+def _check_call(s: HFSettings, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                dropout: float, kwargs: dict[str, Any]) -> None:
+    """ConfigErrors for what an attention call asks and seqpar cannot do exactly (on every rank alike)."""
     check(attention_mask is None, ConfigError,
           f"{s.name}: an attention_mask of shape {tuple(getattr(attention_mask, 'shape', ()))} reached the seqpar "
           f"attention: padding masks cannot be applied to a sharded sequence; drop padding and pack documents "
@@ -166,33 +225,26 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     check(key.shape[2] == query.shape[2], ConfigError,
           f"{s.name}: {key.shape[2]} keys for {query.shape[2]} queries (HF's KV cache?): generate with "
           f"seqpar.inference.generate(model, input_ids), whose cache is sharded over the sequence")
-    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
-    step = kwargs.get(CACHE_KEY)  # seqpar.inference's prefill or decode step, None in training
-    # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if step is not None and step.decoding:
-        check(causal, ConfigError, f"{s.name}: decoding needs a causal LM (this attention has is_causal=False)")
-        s.calls += 1
-        return step.decode(module, q, k, v, scale=scaling, sliding_window=sliding_window), None
-    n = s.mesh.sp
-    local = query.shape[2]
-    info = batch_info(kwargs.get(INFO_KEY), s.mesh, s.layout, local)
-    window = None
-    if sliding_window is not None:
-        check(causal, ConfigError,
-              f"{s.name}: a bidirectional sliding window (is_causal=False with sliding_window) is not "
-              f"supported: seqpar's window follows HF's causal semantics only")
-        check(int(sliding_window) >= 1, ConfigError, f"{s.name}: sliding_window={sliding_window} must be >= 1")
-        cu = info.padded_cu_seqlens if info is not None else (0, local * n)
-        longest = max(b - a for a, b in zip(cu, cu[1:]))
-        if int(sliding_window) < longest:  # a window as long as every document is no window (cheaper plan)
-            window = (int(sliding_window) - 1, 0)
-    s.calls += 1
-    if step is not None:  # prefill: keep this rank's keys and values, then attend as in training
-        step.store(module, k, v, sliding_window)
-    out = attention(q, k, v, causal=causal, strategy=step.strategy if step is not None else s.strategy,
-                    mesh=s.mesh, layout=s.layout, seq_info=info, scale=scaling, window=window)
-    return out, None
+
+
+def _checked_window(s: HFSettings, sliding_window: int | None, causal: bool) -> int | None:
+    """HF's sliding window size W as an int (None: full attention), or a ConfigError for one seqpar cannot run."""
+    if sliding_window is None:
+        return None
+    check(causal, ConfigError,
+          f"{s.name}: a bidirectional sliding window (is_causal=False with sliding_window) is not "
+          f"supported: seqpar's window follows HF's causal semantics only")
+    check(int(sliding_window) >= 1, ConfigError, f"{s.name}: sliding_window={sliding_window} must be >= 1")
+    return int(sliding_window)
+
+
+def _layer_index(module: nn.Module) -> int:
+    """The decoder layer of an HF attention module (its cache slot in seqpar inference)."""
+    i = getattr(module, "layer_idx", None)
+    if not isinstance(i, int):
+        raise ConfigError(f"{type(module).__name__} has layer_idx={i!r}: seqpar inference needs HF attention "
+                          f"modules that know their layer index")
+    return i
 
 
 def _binder(module: nn.Module):
@@ -217,7 +269,7 @@ def _binder(module: nn.Module):
     return bind
 
 
-def _top_pre_hook(s: _Settings, module: nn.Module):
+def _top_pre_hook(s: HFSettings, module: nn.Module):
     bind = _binder(module)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -230,7 +282,7 @@ def _top_pre_hook(s: _Settings, module: nn.Module):
     return hook
 
 
-def _base_pre_hook(s: _Settings, module: nn.Module):
+def _base_pre_hook(s: HFSettings, module: nn.Module):
     bind = _binder(module)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -265,7 +317,7 @@ def _base_pre_hook(s: _Settings, module: nn.Module):
     return hook
 
 
-def _base_post_hook(s: _Settings):
+def _base_post_hook(s: HFSettings):
     def hook(module: nn.Module, args: tuple, output: Any):
         check(s.calls > 0, ConfigError,
               f"{s.name}: no attention layer called the seqpar attention function: this architecture does not "
@@ -311,25 +363,47 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
 
     No communication.  Raises ConfigError for models or settings it cannot run exactly.
     """
+    # the checks, then the changes, one named step each
+    transformers = _import_transformers()
+    mesh = _check_settings(mesh, strategy, layout)
+    _check_model(model, transformers)
+    _route_attention(model, transformers)
+    _install(model, mesh, strategy, layout)
+    from . import hf_inference  # noqa: F401  (registers the inference adapter; imported here: it imports this module)
+
+    return model
+
+
+def _import_transformers() -> ModuleType:
+    """The ``transformers`` module, or a ConfigError naming the version needed."""
     try:
         import transformers
-        from transformers import AttentionInterface, PreTrainedModel
     except ImportError as e:  # pragma: no cover - exercised only without transformers
         raise ConfigError("the Hugging Face integration needs transformers: pip install 'transformers>=4.53'") from e
     version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
     check(version >= MIN_TRANSFORMERS, ConfigError,
           f"transformers {transformers.__version__} builds local causal masks for custom attention functions; "
           f"the seqpar integration needs transformers>={'.'.join(map(str, MIN_TRANSFORMERS))} (masking_utils)")
+    return transformers
+
+
+def _check_settings(mesh: Mesh | None, strategy: str, layout: str) -> Mesh:
+    """The mesh apply() means, after ConfigErrors for a mesh, strategy or layout the integration cannot run."""
     mesh = resolve_mesh(mesh)
     check_mesh(mesh)
-    check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
+    check(strategy in SP_STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {SP_STRATEGIES}")
     check(strategy != "usp" or (mesh.ulysses > 1 and mesh.ring > 1), ConfigError,
           f"strategy='usp' needs a 2-D mesh (seqpar.init(sp=N, ulysses=u) with 1 < u < N), got {mesh}")
     get_layout(layout)
-    check(isinstance(model, PreTrainedModel), ConfigError,
+    return mesh
+
+
+def _check_model(model: nn.Module, transformers: ModuleType) -> None:
+    """ConfigErrors for a model whose attention seqpar cannot reproduce exactly on a sequence shard."""
+    check(isinstance(model, transformers.PreTrainedModel), ConfigError,
           f"apply() takes a transformers PreTrainedModel, got {type(model).__name__}")
     name = type(model).__name__
-    config = model.config
+    config: Any = model.config
     check(not getattr(config, "is_encoder_decoder", False), ConfigError,
           f"{name} is an encoder-decoder: only decoder-only causal LMs are supported")
     layer_types = getattr(config, "layer_types", None) or []
@@ -347,7 +421,10 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
           f"{name} does not route attention through transformers' AttentionInterface "
           f"(transformers {transformers.__version__}), so seqpar cannot replace its attention")
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
+
+def _route_attention(model: nn.Module, transformers: ModuleType) -> None:
+    """Register :func:`hf_attention` with transformers and switch ``model`` to it (no mask function: see below)."""
+    transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
     # masks: an implementation without a mask function makes create_causal_mask return the user's mask as is
     # (None after our pre-hook); a mask function under our name would make HF build local [S/sp, S/sp] masks
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -355,29 +432,35 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
     check(ATTN_IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS, ConfigError,
           f"a mask function is registered under {ATTN_IMPLEMENTATION!r} in transformers' AttentionMaskInterface: "
           f"HF would build local masks; unregister it")
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    config: Any = model.config
+    set_impl: Any = getattr(model, "set_attn_implementation", None)
+    if callable(set_impl):
+        set_impl(ATTN_IMPLEMENTATION)
     else:  # pragma: no cover - transformers without set_attn_implementation
         config._attn_implementation = ATTN_IMPLEMENTATION
     check(config._attn_implementation == ATTN_IMPLEMENTATION, ConfigError,
-          f"{name} refused attn_implementation={ATTN_IMPLEMENTATION!r} (it is "
+          f"{type(model).__name__} refused attn_implementation={ATTN_IMPLEMENTATION!r} (it is "
           f"{config._attn_implementation!r}): this architecture does not use transformers' AttentionInterface")
 
-    old: _Settings | None = getattr(model, "_seqpar_settings", None)
-    if old is not None:
+
+def _install(model: nn.Module, mesh: Mesh, strategy: str, layout: str) -> HFSettings:
+    """Store fresh :class:`HFSettings` on every submodule and install the input and coverage hooks
+    (replacing those of an earlier apply())."""
+    old = getattr(model, _SETTINGS_ATTR, None)
+    if isinstance(old, HFSettings):
         for h in old.hooks:
             h.remove()
-    layers = getattr(config, "num_hidden_layers", None)
-    s = _Settings(mesh=mesh, strategy=strategy, layout=layout, name=name,
-                  expected_calls=layers if isinstance(layers, int) and layers > 0 else None)
+    layers = getattr(model.config, "num_hidden_layers", None)
+    s = HFSettings(mesh=mesh, strategy=strategy, layout=layout, name=type(model).__name__,
+                   expected_calls=layers if isinstance(layers, int) and layers > 0 else None)
     for m in model.modules():  # plain attribute: survives deepcopy, ignored by state_dict
-        m._seqpar_settings = s
+        setattr(m, _SETTINGS_ATTR, s)
     base = getattr(model, "base_model", model)
     if base is not model:  # a bare base model takes no labels
         s.hooks.append(model.register_forward_pre_hook(_top_pre_hook(s, model), with_kwargs=True))
     s.hooks.append(base.register_forward_pre_hook(_base_pre_hook(s, base), with_kwargs=True))
     s.hooks.append(base.register_forward_hook(_base_post_hook(s)))
-    return model
+    return s
 
 
 def __getattr__(name: str):

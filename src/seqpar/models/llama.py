@@ -25,6 +25,7 @@ convert from / to the single-device names (q_proj, k_proj, v_proj, gate, up...).
 from __future__ import annotations
 
 import zlib
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp_on: bool, strategy: str, layout: str, kw):
         super().__init__()
-        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.kv_heads, cfg.d
         self.group = self.h // self.hkv
         self.mesh, self.strategy, self.layout, self.theta = mesh, strategy, layout, cfg.rope_theta or 10000.0
         self.name = "attention"  # set to layers.{i}.attn by the model, for error messages
@@ -123,6 +124,8 @@ def _swiglu(y: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
+    memory: MemoryConfig
+
     def __init__(self, cfg, mesh, sp_on, strategy, layout, kw):
         super().__init__()
         eps = getattr(cfg, "norm_eps", None) or 1e-5
@@ -158,6 +161,9 @@ class LlamaForCausalLM(nn.Module):
         sequence_parallel: Megatron SP on the tp group (norms/residuals on sequence shards).
     """
 
+    memory: MemoryConfig
+    offloader: Offloader
+
     def __init__(self, config: ModelConfig | str, *, mesh: Mesh | None = None, strategy: str = "ring",
                  layout: str = "zigzag", sequence_parallel: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, recompute: str = "none", offload: bool = False,
@@ -165,12 +171,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         cfg = self.config = get_config(config)
         mesh = self.mesh = resolve_mesh(mesh)
-        check(cfg.num_key_value_heads % mesh.tp == 0, ShapeError,
+        check(cfg.kv_heads % mesh.tp == 0, ShapeError,
               f"kv heads={cfg.num_key_value_heads} not divisible by tp={mesh.tp}: each tensor-parallel rank needs "
               f"whole kv groups; use tp dividing {cfg.num_key_value_heads}")
         self.sequence_parallel = sp_on = sequence_parallel and mesh.tp > 1
         self.strategy, self.layout = strategy, layout
-        kw = {"dtype": dtype, "device": device}
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh=mesh, sequence_parallel=sp_on, **kw)
         self.layers = nn.ModuleList(Block(cfg, mesh, sp_on, strategy, layout, kw) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=1e-5, sequence_parallel=sp_on, **kw)
@@ -178,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
                                             sequence_parallel=sp_on, **kw)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.embed.weight  # both are this rank's [V/t, h] rows
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             layer.attn.name = f"layers.{i}.attn"
         self.offloader = Offloader()
         self.configure_memory(recompute=recompute, offload=offload, mlp_tiles=mlp_tiles,
@@ -191,11 +197,17 @@ class LlamaForCausalLM(nn.Module):
         Results are unchanged by every setting (up to float rounding of tiled weight-gradient sums).
         ``mlp_tiles`` must be the same on every rank of the tp group.  No communication.
         """
-        mem = self.memory = MemoryConfig(recompute=recompute, offload=offload, mlp_tiles=mlp_tiles,
+        mem = MemoryConfig(recompute=recompute, offload=offload, mlp_tiles=mlp_tiles,
                                          checkpoint_every=checkpoint_every)
-        for layer in self.layers:
+        self.memory = mem
+        for layer in self.blocks:
             layer.memory = mem
         return mem
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The decoder blocks, typed (:attr:`layers` is the ``nn.ModuleList`` that registers them)."""
+        return cast("list[Block]", list(self.layers))
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens=None, seq_info=None, window=None, cache=None, labels: torch.Tensor | None = None,
@@ -267,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the single-device state (:meth:`full_state_dict`)."""
         c = self.config
-        h, hkv, d, f, hid = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.ffn_hidden_size, c.hidden_size
+        h, hkv, d, f, hid = c.num_attention_heads, c.kv_heads, c.d, c.ffn_hidden_size, c.hidden_size
         shapes = {"embed.weight": (c.vocab_size, hid), "norm.weight": (hid,)}
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -296,27 +308,27 @@ class LlamaForCausalLM(nn.Module):
         pick = source or (lambda p: p)
         whole = _WholeViews()
 
-        def source(p):
+        def read(p):
             return whole(pick(p))
 
-        c, g = self.config, self.config.num_attention_heads // self.config.num_key_value_heads
-        d, hid = c.head_dim, c.hidden_size
-        out = [StateEntry("embed.weight", source(self.embed.weight), 0)]
-        for i, layer in enumerate(self.layers):
+        c, g = self.config, self.config.num_attention_heads // self.config.kv_heads
+        d, hid = c.d, c.hidden_size
+        out = [StateEntry("embed.weight", read(self.embed.weight), 0)]
+        for i, layer in enumerate(self.blocks):
             p = f"layers.{i}."
             # fused rows per kv group: [q heads of the group, k, v]; this rank holds Hkv/t groups
-            qkv = source(layer.attn.qkv.weight).view(-1, g + 2, d, hid)
-            gu = source(layer.mlp.gate_up.weight).view(2, -1, hid)  # this rank's [gate_r; up_r]
+            qkv = read(layer.attn.qkv.weight).view(-1, g + 2, d, hid)
+            gu = read(layer.mlp.gate_up.weight).view(2, -1, hid)  # this rank's [gate_r; up_r]
             out += [StateEntry(p + "q_proj.weight", qkv[:, :g], 0), StateEntry(p + "k_proj.weight", qkv[:, g], 0),
                     StateEntry(p + "v_proj.weight", qkv[:, g + 1], 0),
-                    StateEntry(p + "o_proj.weight", source(layer.attn.o.weight), 1),
+                    StateEntry(p + "o_proj.weight", read(layer.attn.o.weight), 1),
                     StateEntry(p + "gate.weight", gu[0], 0), StateEntry(p + "up.weight", gu[1], 0),
-                    StateEntry(p + "down.weight", source(layer.mlp.down.weight), 1),
-                    StateEntry(p + "attn_norm.weight", source(layer.attn_norm.weight), None),
-                    StateEntry(p + "mlp_norm.weight", source(layer.mlp_norm.weight), None)]
-        out.append(StateEntry("norm.weight", source(self.norm.weight), None))
+                    StateEntry(p + "down.weight", read(layer.mlp.down.weight), 1),
+                    StateEntry(p + "attn_norm.weight", read(layer.attn_norm.weight), None),
+                    StateEntry(p + "mlp_norm.weight", read(layer.mlp_norm.weight), None)]
+        out.append(StateEntry("norm.weight", read(self.norm.weight), None))
         if not c.tied_embeddings:
-            out.append(StateEntry("lm_head.weight", source(self.lm_head.weight), 0))
+            out.append(StateEntry("lm_head.weight", read(self.lm_head.weight), 0))
         return whole.attach(out)
 
     def load_full_state_dict(self, sd, target=None) -> None:
@@ -336,10 +348,16 @@ class LlamaForCausalLM(nn.Module):
         A collective over the tp group: every tp rank must call it.
         """
         source = source or ((lambda p: p.grad) if grads else (lambda p: p))
-        group = self.mesh.tp_group
-        with torch.no_grad():  # group None is one tp rank here, not the default mesh's sp group
-            return {e.name: e.get().clone() if e.dim is None or group is None
-                    else comm.all_gather(e.get(), e.dim, group) for e in self.entries(source)}
+        with torch.no_grad():
+            return {e.name: self._gathered(e) for e in self.entries(source)}
+
+    def _gathered(self, e: StateEntry) -> torch.Tensor:
+        """``e``'s single-device tensor: a copy when replicated, else the tp ranks' shards concatenated."""
+        if e.dim is None:
+            return e.get().clone()
+        if self.mesh.tp == 1:  # nothing to gather (and group None would mean the default mesh's sp group)
+            return e.get()
+        return comm.all_gather(e.get(), e.dim, self.mesh.tp_group)
 
 
 class _Whole:

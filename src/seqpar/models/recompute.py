@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.errors import ConfigError, check
 
-__all__ = ["RECOMPUTE_MODES", "MemoryConfig", "Offloader", "checkpoint", "tiled"]
+__all__ = ["RECOMPUTE_MODES", "MemoryConfig", "Offloader", "CudaStreams", "checkpoint", "tiled"]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -75,11 +76,34 @@ class _Entry:
 
     __slots__ = ("host", "copied", "device", "device_copy", "fetched", "prev", "nbytes")
 
-    def __init__(self, host: torch.Tensor, copied, device: torch.device, prev: _Entry | None):
-        self.host, self.copied, self.device, self.prev = host, copied, device, prev
+    def __init__(self, host: torch.Tensor, copied: Any, device: torch.device, prev: _Entry | None):
+        self.host: torch.Tensor | None = host
+        self.copied, self.device, self.prev = copied, device, prev
         self.device_copy: torch.Tensor | None = None
-        self.fetched = None
+        self.fetched: Any = None
         self.nbytes = host.numel() * host.element_size()
+
+
+class CudaStreams:
+    """The device operations :class:`Offloader` needs on CUDA (a stand-in can run the same path elsewhere)."""
+
+    def side_stream(self, device: torch.device):
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def pinned_empty(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)
 
 
 class Offloader:
@@ -90,13 +114,15 @@ class Offloader:
     :meth:`get` waits for that checkpoint's copy back and starts the next one backward needs (the
     checkpoint saved just before it), so its transfer overlaps the replay of this one.  Elsewhere
     (CPU) the same calls run with synchronous copies: the code path and the results are the same.
+    ``streams`` replaces :class:`CudaStreams` (tests run the asynchronous path on CPU with it).
 
     Attributes ``host_bytes`` / ``peak_host_bytes``: bytes held in host memory now / at most.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, streams=None) -> None:
         self._last: _Entry | None = None
         self._stream = None
+        self._api = streams
         self.host_bytes = 0
         self.peak_host_bytes = 0
 
@@ -104,23 +130,30 @@ class Offloader:
         """Start a forward pass: the next checkpoint has none before it to prefetch."""
         self._last = None
 
-    def _side_stream(self, device: torch.device):
+    def _streams(self, device: torch.device):
+        """The stream API for ``device``: asynchronous copies on CUDA (or with a given API), else None."""
+        if self._api is None and device.type == "cuda":
+            self._api = CudaStreams()
+        return self._api
+
+    def _side_stream(self, api, device: torch.device):
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
+            self._stream = api.side_stream(device)
         return self._stream
 
     def put(self, x: torch.Tensor) -> _Entry:
         """Start copying ``x`` to host memory; the caller may drop ``x`` right away."""
         x = x.detach()
-        if x.device.type == "cuda":
-            stream = self._side_stream(x.device)
-            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete on the compute stream
-            with torch.cuda.stream(stream):
+        api = self._streams(x.device)
+        if api is not None:
+            stream = self._side_stream(api, x.device)
+            host = api.pinned_empty(x)
+            stream.wait_stream(api.current_stream(x.device))  # x is complete on the compute stream
+            with api.use(stream):
                 host.copy_(x, non_blocking=True)
-                copied = torch.cuda.Event()
+                copied = api.event()
                 copied.record(stream)
-            x.record_stream(stream)  # the allocator keeps x's memory until the side stream is done with it
+            api.record_stream(x, stream)  # the allocator keeps x's memory until the side stream is done with it
         else:
             host, copied = x.to("cpu", copy=True), None
         entry = _Entry(host, copied, x.device, self._last)
@@ -133,14 +166,15 @@ class Offloader:
         """Start copying ``entry`` back to its device (no-op if already under way or consumed)."""
         if entry is None or entry.device_copy is not None or entry.host is None:
             return
-        if entry.device.type == "cuda":
-            stream = self._side_stream(entry.device)
-            with torch.cuda.stream(stream):
+        api = self._streams(entry.device)
+        if api is not None:
+            stream = self._side_stream(api, entry.device)
+            with api.use(stream):
                 if entry.copied is not None:
                     stream.wait_event(entry.copied)
                 entry.device_copy = entry.host.to(entry.device, non_blocking=True)
-                entry.fetched = torch.cuda.Event()
-                entry.fetched.record(stream)
+                fetched = entry.fetched = api.event()
+                fetched.record(stream)
         else:
             entry.device_copy = entry.host.to(entry.device)
 
@@ -153,9 +187,10 @@ class Offloader:
         out = entry.device_copy
         assert out is not None
         if entry.fetched is not None:
-            current = torch.cuda.current_stream(entry.device)
+            api = self._streams(entry.device)
+            current = api.current_stream(entry.device)
             current.wait_event(entry.fetched)
-            out.record_stream(current)
+            api.record_stream(out, current)
         entry.device_copy, entry.host = None, None
         self.host_bytes -= entry.nbytes
         self._fetch(entry.prev)

@@ -16,6 +16,7 @@ none).  Every layer converts to/from its single-device equivalent with
 ``from_full`` / ``to_full``.  Dropout streams: :func:`model_parallel_seed` and
 :func:`get_rng_tracker`.
 """
+from ._base import TPModule, skip_init
 from .cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .embedding import VocabParallelEmbedding
 from .layers import ColumnParallelLinear, RowParallelLinear
@@ -32,8 +33,8 @@ from .norm import LayerNorm, RMSNorm, mark_sequence_parallel, sync_sequence_para
 from .random import TENSOR_PARALLEL_RNG, RNGStatesTracker, get_rng_tracker, model_parallel_seed
 
 __all__ = [
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
-    "vocab_parallel_linear_cross_entropy", "vocab_parallel_argmax",
+    "TPModule", "skip_init", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_argmax",
     "LayerNorm", "RMSNorm", "sync_sequence_parallel_grads", "mark_sequence_parallel",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "TENSOR_PARALLEL_RNG",
     "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region", "scatter_to_tensor_parallel_region",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from ..core.errors import ShapeError, check
 from ..core.mesh import Mesh, group_rank, group_size, resolve_mesh
 
 _SKIP_INIT = [False]
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @contextlib.contextmanager
@@ -36,7 +38,7 @@ def should_init(*params: torch.Tensor) -> bool:
 PARAM_MARKS = ("tensor_parallel", "partition_dim", "sequence_parallel")
 
 
-def deepcopy_keeping_marks(module: nn.Module, memo: dict, shared: tuple = ()) -> nn.Module:
+def deepcopy_keeping_marks(module: _M, memo: dict, shared: tuple = ()) -> _M:
     """``copy.deepcopy`` of ``module`` that shares ``shared`` (process groups cannot be copied) and keeps
     the parameter marks above (``Parameter.__deepcopy__`` drops attributes: the sync would then miss them)."""
     for obj in shared:
@@ -91,8 +93,10 @@ class TPModule(nn.Module):
         value = p.detach().clone() if dim is None else self._gather(p, dim)
         if not grad:
             return value, None
-        check(p.grad is not None, ShapeError, "to_full(grad=True) needs .grad on every parameter: run backward first")
-        g = p.grad.detach().clone() if dim is None else self._gather(p.grad, dim)
+        grad_ = p.grad
+        if grad_ is None:
+            raise ShapeError("to_full(grad=True) needs .grad on every parameter: run backward first")
+        g = grad_.detach().clone() if dim is None else self._gather(grad_, dim)
         return value, g
 
 

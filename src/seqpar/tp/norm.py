@@ -39,7 +39,7 @@ def mark_sequence_parallel(module: nn.Module, flag: bool = True) -> nn.Module:
     Note ``copy.deepcopy`` drops parameter attributes; seqpar's own modules keep them, others must re-mark.
     """
     for p in module.parameters():
-        p.sequence_parallel = flag
+        setattr(p, "sequence_parallel", flag)  # noqa: B010  (a mark on nn.Parameter, unknown to its type)
     return module
 
 

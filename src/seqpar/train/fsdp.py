@@ -65,13 +65,14 @@ def shard_model(model: nn.Module, mesh: Mesh | None = None, *, zero_stage: int =
     cuda = next(model.parameters()).device.type == "cuda"
     policy = CPUOffloadPolicy(pin_memory=cuda) if offload_optimizer else OffloadPolicy()
     kw = {"mesh": mesh.dp_sp_mesh, "reshard_after_forward": zero_stage == 3, "offload_policy": policy}
-    for layer in model.layers:
+    layers: nn.ModuleList = getattr(model, "layers")  # noqa: B009 - typed: Module.__getattr__ is not
+    for layer in layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     for name, p in model.named_parameters():
         for m, v in marks.get(name, {}).items():
             setattr(p, m, v)
-    model._seqpar_zero_stage = zero_stage
+    setattr(model, "_seqpar_zero_stage", zero_stage)  # noqa: B010 - a plain attribute, not a submodule
     return model
 
 

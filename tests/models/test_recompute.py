@@ -1,0 +1,201 @@
+"""Memory settings of the reference model: exact (loss and every gradient, float64) and saving what they claim.
+
+The chunked loss against the logits' loss with the vocabulary split over tp (with and without Megatron
+SP), recomputation (selective, full, chains), host offload of the checkpoints (its asynchronous
+CUDA path run on CPU with stand-in streams), tiled MLP blocks; the saved bytes each setting leaves.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import seqpar
+from seqpar.core.mesh import Mesh
+from seqpar.core.stats import saved_activations
+from seqpar.models import LlamaForCausalLM
+from seqpar.models.recompute import MemoryConfig, Offloader, checkpoint, tiled
+from seqpar.train import causal_lm_loss, causal_lm_loss_from_hidden, global_token_mean, shift_labels
+from tests.helpers import mesh
+
+SEQ, BATCH = 32, 2
+
+
+def _data(seed: int = 0):
+    ids = torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    labels = shift_labels(ids)
+    labels[0, 3:9] = -100  # ignored targets take part in nothing
+    return ids, labels
+
+
+def _model(m, sp_on: bool = True, **memory) -> LlamaForCausalLM:
+    model = LlamaForCausalLM("tiny", mesh=m, sequence_parallel=sp_on, dtype=torch.float64, **memory)
+    model.init_weights(7)
+    return model
+
+
+def loss_and_grads(degrees: dict, sp_on: bool, memory: dict, chunk: int | None) -> dict:
+    """Worker task: the loss value, the gradients (single-device names) and the saved bytes on this rank."""
+    m = mesh(**degrees) if degrees else Mesh()
+    model = _model(m, sp_on, **memory)
+    ids, labels = _data()
+    ids_l, labels_l = seqpar.shard(ids, 1, mesh=m), seqpar.shard(labels, 1, mesh=m, pad_value=-100)
+    with saved_activations(exclude=model.parameters()) as saved:
+        if chunk is None:
+            out = causal_lm_loss(model(ids_l), labels_l, m)
+        else:
+            out = global_token_mean(model(ids_l, labels=labels_l, loss_chunk=chunk), labels_l, m)
+    out.loss.backward()
+    seqpar.train.sync_gradients(model, m)
+    return {"value": out.value.item(), "grads": model.full_state_dict(grads=True), "saved": saved.bytes,
+            "host": model.offloader.peak_host_bytes}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["value"] == pytest.approx(b["value"], rel=1e-12)
+    for name, g in b["grads"].items():
+        torch.testing.assert_close(a["grads"][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+LAYOUTS = [(1, {}, True), (2, {"tp": 2}, True), (2, {"tp": 2}, False), (4, {"tp": 2}, True)]
+
+
+@pytest.mark.parametrize("world,degrees,sp_on", LAYOUTS, ids=["one", "tp2-sp", "tp2-nosp", "tp2-ring2"])
+def test_chunked_loss_equals_the_logits_loss(pool, world, degrees, sp_on):
+    ref = pool(1).run(loss_and_grads, {}, True, {}, None)[0]
+    for chunk in (5, 64):  # uneven chunks; one chunk for all tokens
+        for r in pool(world).run(loss_and_grads, degrees, sp_on, {}, chunk):
+            _assert_same(r, ref)
+
+
+SETTINGS = [{"recompute": "selective"}, {"recompute": "full"}, {"recompute": "full", "offload": True},
+            {"recompute": "full", "checkpoint_every": 2}, {"mlp_tiles": 3},
+            {"recompute": "full", "offload": True, "mlp_tiles": 2}]
+
+
+@pytest.mark.parametrize("world,degrees", [(1, {}), (4, {"tp": 2})], ids=["one", "tp2-ring2"])
+def test_every_setting_is_exact(pool, world, degrees):
+    ref = pool(1).run(loss_and_grads, {}, True, {}, None)[0]
+    for memory in SETTINGS:
+        for r in pool(world).run(loss_and_grads, degrees, True, memory, 9):
+            _assert_same(r, ref)
+
+
+def test_what_each_setting_keeps():
+    """Full recomputation keeps each layer's input (or every k-th); offload moves it to host memory."""
+    plain = loss_and_grads({}, True, {}, 9)
+    sel = loss_and_grads({}, True, {"recompute": "selective"}, 9)
+    tiles = loss_and_grads({}, True, {"mlp_tiles": 4}, 9)
+    full = loss_and_grads({}, True, {"recompute": "full"}, 9)
+    chain = loss_and_grads({}, True, {"recompute": "full", "checkpoint_every": 2}, 9)
+    off = loss_and_grads({}, True, {"recompute": "full", "offload": True}, 9)
+    layer_input = BATCH * SEQ * 64 * 8  # [B, S, h] float64, one per layer (tiny: 2 layers)
+    assert full["saved"] - chain["saved"] == layer_input  # two layers, one chain: one checkpoint fewer
+    assert full["saved"] - off["saved"] == 2 * layer_input and off["host"] == 2 * layer_input
+    assert full["saved"] < tiles["saved"] < sel["saved"] < plain["saved"]
+    assert plain["host"] == full["host"] == 0
+
+
+class _Recorder:
+    """Stand-in CUDA stream API: runs the Offloader's asynchronous path on CPU and records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        test = self
+
+        class Stream:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def wait_stream(self, other) -> None:
+                test.calls.append(f"{self.name} waits {other.name}")
+
+            def wait_event(self, event) -> None:
+                test.calls.append(f"{self.name} waits {event.name}")
+
+        class Event:
+            def __init__(self) -> None:
+                self.name = f"event{sum(c.startswith('event') for c in test.calls)}"
+                test.calls.append(self.name)
+
+            def record(self, stream) -> None:
+                test.calls.append(f"record {self.name} on {stream.name}")
+
+        self.Stream, self.Event = Stream, Event
+        self.current = Stream("compute")
+
+    def side_stream(self, device):
+        return self.Stream("side")
+
+    def current_stream(self, device):
+        return self.current
+
+    def use(self, stream):
+        import contextlib
+
+        self.calls.append(f"use {stream.name}")
+        return contextlib.nullcontext()
+
+    def event(self):
+        return self.Event()
+
+    def pinned_empty(self, like):
+        self.calls.append("pinned")
+        return torch.empty_like(like)
+
+    def record_stream(self, t, stream) -> None:
+        self.calls.append(f"record_stream on {stream.name}")
+
+
+def test_offload_async_path_runs_and_orders_its_copies():
+    """The CUDA code path (side stream, pinned buffers, events, prefetch of the previous checkpoint) on CPU."""
+    api = _Recorder()
+    off = Offloader(streams=api)
+    lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    off.new_pass()
+    y = checkpoint(lambda t: torch.tanh(lin(t)), x, modules=[lin], offloader=off)
+    z = checkpoint(lambda t: torch.tanh(lin(t)), y, modules=[lin], offloader=off)
+    put = api.calls[:]
+    # each input: into a pinned buffer on the side stream once the compute stream produced it, its memory
+    # kept for the side stream
+    assert put == [c for i in (0, 1) for c in ("pinned", "side waits compute", "use side", f"event{i}",
+                                                f"record event{i} on side", "record_stream on side")]
+    assert off.host_bytes == 2 * x.numel() * 8
+    z.sum().backward()
+    got = [x.grad.clone(), lin.weight.grad.clone()]
+    # z's checkpoint comes back once its copy to host is done, the compute stream waits for it, and only
+    # then is y's (the one backward needs next) fetched, to arrive while z's layer is replayed
+    assert api.calls[len(put):] == [
+        "use side", "side waits event1", "event2", "record event2 on side", "compute waits event2",
+        "record_stream on compute", "use side", "side waits event0", "event3", "record event3 on side",
+        "compute waits event3", "record_stream on compute"]
+    assert off.host_bytes == 0
+    x.grad, lin.weight.grad, lin.bias.grad = None, None, None
+    torch.tanh(lin(torch.tanh(lin(x)))).sum().backward()
+    torch.testing.assert_close(got, [x.grad, lin.weight.grad], rtol=0, atol=0)
+
+
+def test_tiled_and_checkpoint_outside_autograd_and_bad_settings():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 10, 4)
+    with torch.no_grad():
+        assert torch.equal(tiled(lin, x, 3), lin(x)) and torch.equal(checkpoint(lin, x, modules=[lin]), lin(x))
+    with pytest.raises(seqpar.ConfigError, match="offload=True"):
+        MemoryConfig(offload=True)
+    with pytest.raises(seqpar.ConfigError, match="recompute='most'"):
+        LlamaForCausalLM("tiny", mesh=Mesh(), recompute="most")
+    model = LlamaForCausalLM("tiny", mesh=Mesh())
+    assert dataclasses.asdict(model.configure_memory(recompute="full", mlp_tiles=2))["mlp_tiles"] == 2
+    assert all(layer.memory.recompute == "full" for layer in model.layers)
+
+
+def test_loss_from_hidden_api_checks_its_inputs():
+    h, w = torch.randn(1, 4, 8), torch.randn(16, 8)
+    with pytest.raises(seqpar.ShapeError, match="target"):
+        causal_lm_loss_from_hidden(h, w, torch.zeros(1, 5, dtype=torch.long), Mesh())
+    with pytest.raises(seqpar.ConfigError, match="chunk=0"):
+        causal_lm_loss_from_hidden(h, w, torch.zeros(1, 4, dtype=torch.long), Mesh(), chunk=0)
+    with pytest.raises(seqpar.ShapeError, match="must lie in"):
+        causal_lm_loss_from_hidden(h, w, torch.full((1, 4), 16), Mesh())

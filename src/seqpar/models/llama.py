@@ -137,8 +137,9 @@ class Block(nn.Module):
 
     def forward(self, x, pos, attn_kwargs, cache=None):
         # selective recomputation: the norms and the SwiGLU product (elementwise, memory-heavy) are
-        # replayed in backward; "full" is applied around whole layers by the model
-        sel = self.memory.recompute == "selective" and cache is None
+        # replayed in backward; "full" is applied around whole layers by the model, and its replay in
+        # backward is selective (the layer's peak there is smaller; the norms are cheap to run twice)
+        sel = self.memory.recompute in ("selective", "full") and cache is None
         h = checkpoint(self.attn_norm, x, modules=[self.attn_norm]) if sel else self.attn_norm(x)
         x = x + self.attn(h, pos, attn_kwargs, cache, recompute_core=sel)
         if self.memory.mlp_tiles > 1:

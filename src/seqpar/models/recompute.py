@@ -15,7 +15,8 @@ Three autograd pieces, each exact (backward replays the same forward, no RNG dra
 recomputes what is cheap in FLOPs and large in memory, never a matmul: the RMSNorms, the SwiGLU
 product and, where attention materialises its scores (``ring_qk_av``), the attention core
 (Korthikanti et al. 2022's selective recomputation); ``"full"`` keeps only each layer's input
-(every ``checkpoint_every``-th layer's with chains of layers) and replays the layer in backward.
+(every ``checkpoint_every``-th layer's with chains of layers) and replays the layer in backward,
+selectively (so the replayed layer holds what ``"selective"`` keeps, not all of its activations).
 """
 from __future__ import annotations
 

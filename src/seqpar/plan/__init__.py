@@ -52,7 +52,6 @@ from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.inference import InferenceOption, InferencePlan, kv_cache_bytes, plan_inference
 from seqpar.plan.memory import (
     GB,
-    MemoryBreakdown,
     activation_memory,
     activation_memory_per_layer,
     activation_terms_per_layer,
@@ -70,7 +69,8 @@ from seqpar.plan.parallel_layout import (
     group_spans_nodes,
     resolve_parallel_layout,
 )
-from seqpar.plan.planner import Candidate, Plan, Settings, evaluate, plan
+from seqpar.plan.peak import MemoryBreakdown, MemorySettings, peak_memory
+from seqpar.plan.planner import Candidate, MaxLength, NothingFits, Plan, Settings, evaluate, max_seq_len, plan
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, layer_flops
 
 __all__ = [
@@ -78,11 +78,11 @@ __all__ = [
     "ParallelLayout", "resolve_parallel_layout", "group_spans_nodes",
     "hidden_state_bytes", "activation_terms_per_layer", "activation_memory_per_layer",
     "non_layer_activation_terms", "activation_memory", "parameter_count", "model_state_memory",
-    "MemoryBreakdown",
+    "MemoryBreakdown", "MemorySettings", "peak_memory",
     "Transfer", "CommVolume", "comm_volume_per_layer", "layer_transfers", "dp_comm_bytes",
     "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
     "Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time",
-    "Candidate", "Plan", "Settings", "evaluate", "plan",
+    "Candidate", "Plan", "Settings", "NothingFits", "MaxLength", "evaluate", "plan", "max_seq_len",
     "kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference",
 ]
 

@@ -136,7 +136,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         t = target.reshape(-1)
         acc = torch.promote_types(x.dtype, torch.float32)
         stats = torch.empty(2, t.numel(), dtype=acc, device=x.device)  # rows: max, sum of exponentials
-        loss = torch.empty(t.numel(), dtype=acc, device=x.device)
+        out = torch.empty(target.shape, dtype=acc, device=x.device)  # returned as is, not as a view
+        loss = out.view(-1)
         start = group_rank(group) * weight.shape[0]
         for a in range(0, t.numel(), chunk):
             b = min(a + chunk, t.numel())
@@ -155,7 +156,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             stats[0, a:b], stats[1, a:b] = zmax, part[1]
         ctx.save_for_backward(hidden, weight, target, stats)
         ctx.ignore_index, ctx.chunk, ctx.group, ctx.gather = ignore_index, chunk, group, gather
-        return loss.view(target.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -189,6 +190,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(gz.t(), x[a:b])
                 else:
                     grad_w.add_(torch.matmul(gz.t(), x[a:b], out=part))
+            del gz  # before the next chunk's logits exist
         grad_h = None
         if grad_x is not None:
             grad_x = grad_x.view(full.shape)

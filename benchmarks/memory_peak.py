@@ -14,11 +14,17 @@ order), counting only blocks allocated while profiling.  The step is profiled af
 unprofiled step (so the optimizer state exists, as in steady training); the running sum of the
 events is the bytes allocated by the step and still alive; its maximum, plus the bytes alive
 before the step (parameters and optimizer state, summed from the tensors themselves), is the
-rank's peak.  One caveat, ZeRO-3 on gloo: a rank may keep the root unit's all-gather buffer
-(embedding and LM head) through the loss's backward, freeing it later, when gloo's threads let go
-of it; which rank does varies from run to run.  The planner counts that buffer.  This counts every tensor (activations, gradients, temporaries, communication
+rank's peak.  This counts every tensor (activations, gradients, temporaries, communication
 buffers PyTorch allocates), not only saved activations; it misses only memory outside PyTorch's
-allocator (gloo's own buffers, the Python heap), which the planner does not model either.
+allocator (gloo's own buffers, the Python heap), which the planner does not model either.  One
+caveat, ZeRO-3 on gloo: a rank may keep the root unit's all-gather buffer (embedding and LM head)
+through the loss's backward, freeing it later, when gloo's threads let go of it; which rank does
+varies from run to run.  The planner counts that buffer.
+
+On CPU, host and device memory are one: an offloaded checkpoint still counts, so the offload rows
+are compared with the same run's prediction without offload (its host copy replaces the device
+one).  ``--device cuda`` (every rank on cuda:0 over gloo) measures ``max_memory_allocated`` and
+compares it with the device prediction as is.
 
 Examples::
 
@@ -63,10 +69,10 @@ STRATEGY = "ring"
 _MESHES: dict = {}
 
 
-def _mesh(degrees: dict) -> seqpar.Mesh:
-    key = tuple(sorted(degrees.items()))
-    if key not in _MESHES:
-        _MESHES[key] = seqpar.init(**degrees)
+def _mesh(degrees: dict, device: str = "cpu") -> seqpar.Mesh:
+    key = (tuple(sorted(degrees.items())), device)
+    if key not in _MESHES:  # FSDP2 wants the mesh on the parameters' device type
+        _MESHES[key] = seqpar.init(**degrees, device_type=device)
     seqpar.set_mesh(_MESHES[key])
     return _MESHES[key]
 
@@ -103,29 +109,45 @@ def _local_bytes(tensors) -> int:
 
 
 def measure(seq_len: int, setting: str, degrees: dict = DEGREES, strategy: str = STRATEGY,
-            phases: bool = False) -> dict:
-    """Worker task: this rank's peak bytes over one profiled training step (see the module docstring)."""
+            phases: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Worker task: this rank's peak bytes over one profiled training step (see the module docstring).
+
+    ``device="cuda"``: every rank on cuda:0 (gloo); the peak is ``torch.cuda.max_memory_allocated()``
+    over the step, above nothing (the allocator counts parameters and optimizer state too).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     from seqpar.models import LlamaForCausalLM
     from seqpar.train import shift_labels
     from seqpar.train.fsdp import shard_model
 
-    m = _mesh(degrees)
+    m = _mesh(degrees, device)
     s = SETTINGS[setting]
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(CONFIG, mesh=m, strategy=strategy, recompute=s.get("recompute", "none"),
-                             offload=s.get("offload", False), mlp_tiles=s.get("mlp_tiles", 1))
+                             offload=s.get("offload", False), mlp_tiles=s.get("mlp_tiles", 1),
+                             dtype=getattr(torch, dtype), device=device)
     model.init_weights(0)
     if s.get("zero_stage"):
         shard_model(model, m, zero_stage=s["zero_stage"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, CONFIG.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
-    ids_l = seqpar.shard(ids, 1, mesh=m)
-    labels_l = seqpar.shard(shift_labels(ids), 1, mesh=m, pad_value=-100)
+    ids_l = seqpar.shard(ids, 1, mesh=m).to(device)
+    labels_l = seqpar.shard(shift_labels(ids), 1, mesh=m, pad_value=-100).to(device)
     chunk = s.get("loss_chunk", 0)
     _step(model, opt, m, ids_l, labels_l, chunk, phases)  # optimizer state exists from here on
     gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        _step(model, opt, m, ids_l, labels_l, chunk, phases)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"resident": 0, "step_peak": peak, "peak": peak, "seconds": time.perf_counter() - start}
     resident = _local_bytes([*model.parameters(), *(v for st in opt.state.values() for v in st.values()
                                                      if torch.is_tensor(v))])
     start = time.perf_counter()
@@ -155,8 +177,10 @@ def measure(seq_len: int, setting: str, degrees: dict = DEGREES, strategy: str =
     return out
 
 
-def predict(seq_len: int, setting: str, degrees: dict = DEGREES, strategy: str = STRATEGY, cpu: bool = True):
-    """The planner's :class:`~seqpar.plan.Candidate` for the same run (float32).
+def predict(seq_len: int, setting: str, degrees: dict = DEGREES, strategy: str = STRATEGY, cpu: bool = True,
+            dtype_bytes: int = 4):
+    """The planner's :class:`~seqpar.plan.Candidate` for the same run (weights, gradients and AdamW's
+    moments in the model dtype, as ``seqpar train`` keeps them).
 
     ``cpu``: host and device memory are one, so an offloaded checkpoint stays in the count: the
     comparable prediction is the same run without offload (the host copy replaces the device one).
@@ -167,19 +191,19 @@ def predict(seq_len: int, setting: str, degrees: dict = DEGREES, strategy: str =
     sp = degrees.get("sp", 1)
     return seqpar.plan.evaluate(
         CONFIG, seq_len, strategy=strategy if sp > 1 else None, sp=sp, tp=degrees.get("tp", 1),
-        dp=degrees.get("dp", 1), implementation="seqpar", dtype_bytes=4, param_bytes=4, grad_bytes=4,
-        optimizer_bytes=8, attention_kernel="flash", recompute=s.get("recompute", "none"),
-        offload=s.get("offload", False), mlp_tiles=s.get("mlp_tiles", 1), loss_chunk=s.get("loss_chunk", 0),
+        dp=degrees.get("dp", 1), implementation="seqpar", dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
+        grad_bytes=dtype_bytes, optimizer_bytes=2 * dtype_bytes, attention_kernel="flash",
+        recompute=s.get("recompute", "none"), offload=s.get("offload", False), mlp_tiles=s.get("mlp_tiles", 1), loss_chunk=s.get("loss_chunk", 0),
         zero_stage=s.get("zero_stage", 0))
 
 
-def rows(seq_lens, settings, runner) -> list[dict]:
+def rows(seq_lens, settings, runner, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """Measured (max over ranks) and predicted peak per (setting, S). ``runner(world, fn, *args)`` runs a task."""
     out = []
     for name in settings:
         for s in seq_lens:
-            res = runner(WORLD, measure, s, name)
-            pred = predict(s, name)
+            res = runner(WORLD, measure, s, name, DEGREES, STRATEGY, False, device, dtype)
+            pred = predict(s, name, cpu=device == "cpu", dtype_bytes=getattr(torch, dtype).itemsize)
             out.append({"setting": name, "seq_len": s, "measured": max(r["peak"] for r in res),
                         "predicted": pred.memory.peak, "seconds": max(r["seconds"] for r in res)})
     return out
@@ -210,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--phases", action="store_true", help="print each rank's bytes per phase (analysis)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: every rank on cuda:0 over gloo, the peak from max_memory_allocated")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ns = ap.parse_args(argv)
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device visible to PyTorch")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import memory_peak as this  # ranks unpickle tasks by module name: not "__main__"
 
@@ -225,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                     res = pool.run(this.measure, s, name, DEGREES, STRATEGY, True)
                     print(name, s, json.dumps(res[0]))
             return 0
-        data = this.rows(ns.seq_lens, ns.settings, lambda world, fn, *args: pool.run(fn, *args))
+        data = this.rows(ns.seq_lens, ns.settings, lambda world, fn, *args: pool.run(fn, *args), ns.device, ns.dtype)
     finally:
         pool.close()
     c = CONFIG
     print(f"# {c.name}: h={c.hidden_size} heads={c.num_attention_heads} kv={c.kv_heads} d={c.d} "
-          f"ffn={c.ffn_hidden_size} L={c.num_layers} vocab={c.vocab_size}; float32, AdamW, {WORLD} ranks, "
+          f"ffn={c.ffn_hidden_size} L={c.num_layers} vocab={c.vocab_size}; {ns.dtype} on {ns.device}, AdamW, {WORLD} ranks, "
           f"{STRATEGY} sp={DEGREES.get('sp')}; peak bytes per rank (max over ranks)")
     print(table(data))
     if ns.json:

@@ -195,11 +195,9 @@ def _simplicity(ms: MemorySettings) -> int:
 def sort_key(c: Candidate) -> tuple:
     """Fitting first, fastest first; ties to the layout that communicates less, then the simpler settings,
     then less memory.  Then what does not fit, smallest first; then the infeasible."""
-    if c.fits:
-        assert c.time is not None and c.memory is not None and c.comm is not None
+    if c.fits and c.time is not None and c.memory is not None:
         return (0, -round(c.time.tokens_per_s, 6), c.step_comm_bytes, _simplicity(c.settings), c.memory.total)
-    if c.feasible:
-        assert c.memory is not None
+    if c.feasible and c.memory is not None:
         return (1, c.memory.total, _simplicity(c.settings), 0.0, 0)
     return (2, 0, 0, 0.0, 0)
 
@@ -237,8 +235,7 @@ def best_settings(cfg: ModelConfig, seq_len: int, strategy: str, tp: int, sp: in
         c = cost(cfg, lay, dp, st, ms, seq_len)
         if best is None or sort_key(c) < sort_key(best):
             best = c
-    assert best is not None
-    return best
+    return best if best is not None else cost(cfg, lay, dp, st, options[0], seq_len)
 
 
 def _speed_key(cfg: ModelConfig, lay: ParallelLayout, dp: int, st: Settings, ms: MemorySettings) -> tuple:

@@ -288,10 +288,10 @@ def max_seq_len(model: ModelLike, n_gpus: int, *, step: int = 1024, limit: int =
     """
     cfg = get_config(model)
     st = _settings(settings, options)
-    kw = dict(tp=tp, sp=sp, dp=dp, ulysses=ulysses, strategies=strategies)
+    kw: dict[str, Any] = dict(tp=tp, sp=sp, dp=dp, ulysses=ulysses, strategies=strategies)
 
     def fits(s: int) -> bool:
-        return _candidates(cfg, s, n_gpus, st, thrifty=True, **kw)[0].fits  # type: ignore[arg-type]
+        return _candidates(cfg, s, n_gpus, st, thrifty=True, **kw)[0].fits
 
     if not fits(step):
         plan(cfg, step, n_gpus, settings=st, **kw)  # raises NothingFits with the smallest layout named

@@ -29,16 +29,17 @@ def _data(seed: int = 0):
     return ids, labels
 
 
-def _model(m, sp_on: bool = True, **memory) -> LlamaForCausalLM:
-    model = LlamaForCausalLM("tiny", mesh=m, sequence_parallel=sp_on, dtype=torch.float64, **memory)
+def _model(m, sp_on: bool = True, strategy: str = "ring", **memory) -> LlamaForCausalLM:
+    model = LlamaForCausalLM("tiny", mesh=m, sequence_parallel=sp_on, dtype=torch.float64, strategy=strategy,
+                             **memory)
     model.init_weights(7)
     return model
 
 
-def loss_and_grads(degrees: dict, sp_on: bool, memory: dict, chunk: int | None) -> dict:
+def loss_and_grads(degrees: dict, sp_on: bool, memory: dict, chunk: int | None, strategy: str = "ring") -> dict:
     """Worker task: the loss value, the gradients (single-device names) and the saved bytes on this rank."""
     m = mesh(**degrees) if degrees else Mesh()
-    model = _model(m, sp_on, **memory)
+    model = _model(m, sp_on, strategy, **memory)
     ids, labels = _data()
     ids_l, labels_l = seqpar.shard(ids, 1, mesh=m), seqpar.shard(labels, 1, mesh=m, pad_value=-100)
     with saved_activations(exclude=model.parameters()) as saved:
@@ -79,6 +80,16 @@ def test_every_setting_is_exact(pool, world, degrees):
     ref = pool(1).run(loss_and_grads, {}, True, {}, None)[0]
     for memory in SETTINGS:
         for r in pool(world).run(loss_and_grads, degrees, True, memory, 9):
+            _assert_same(r, ref)
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "allgather", "ring_qk_av"])
+def test_recomputation_replays_every_strategy_exactly(pool, strategy):
+    """Selective recomputation replays ring_qk_av's attention core (collectives included); full replays
+    every strategy's layers in backward."""
+    ref = pool(1).run(loss_and_grads, {}, True, {}, None)[0]
+    for memory in ({"recompute": "selective"}, {"recompute": "full", "mlp_tiles": 2}):
+        for r in pool(2).run(loss_and_grads, {"sp": 2}, True, memory, 9, strategy):
             _assert_same(r, ref)
 
 

@@ -9,17 +9,21 @@ GPU:
   GQA, SwiGLU, any FFN width, fused attention kernels and the sequence-
   parallel strategies of this package (:mod:`seqpar.plan.memory`);
 * parameter, gradient and optimizer memory with ZeRO 0-3
-  (:func:`model_state_memory`);
+  (:func:`model_state_memory`), and the peak of a training step under the memory settings seqpar
+  runs: recomputation, host offload, tiled MLPs, the chunked loss, FSDP2's working set
+  (:mod:`seqpar.plan.peak`, :class:`MemorySettings`);
 * bytes sent per layer, forward and backward, under standard ring
   collective cost models (:mod:`seqpar.plan.comm_cost`);
-* a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand
+* a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand / PCIe
   bandwidths, with ring transfers overlapped with block compute
   (:mod:`seqpar.plan.timing`);
 
-and :func:`plan` enumerates every layout, drops the ones that do not fit and
-recommends the fastest (:mod:`seqpar.plan.planner`).  For long-context inference,
-:func:`plan_inference` splits the KV cache and the prefill over ``tp x sp``
-(:mod:`seqpar.plan.inference`).
+and :func:`plan` enumerates every layout and the memory settings left open
+(:class:`Settings`), drops what does not fit the GPU or the host, and recommends the fastest
+(:mod:`seqpar.plan.planner`); :func:`max_seq_len` answers the longest sequence that fits;
+:mod:`seqpar.plan.emit` writes the ``seqpar train`` config of a recommendation.  For
+long-context inference, :func:`plan_inference` splits the KV cache and the prefill over
+``tp x sp`` (:mod:`seqpar.plan.inference`).
 
 Units: bytes (GB = 1e9 bytes), seconds, FLOPs; bandwidths in GB/s.
 

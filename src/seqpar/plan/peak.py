@@ -24,10 +24,12 @@ tp-sharded / tp-replicated tensors, ``p`` the activation dtype size, ``acc = max
                    local parameter bytes).
 
 Model state: ZeRO 0 keeps parameters, gradients and optimizer state whole; ZeRO 2/3 (FSDP2 over
-``dp * sp`` ranks ``g``) shard them by ``g``, and while a step runs hold unsharded copies: ZeRO 3
-the root unit (embedding, final norm, LM head) and two layers (the one running, the one
-prefetched), ZeRO 2 every unit from its forward to its backward; each unit's unsharded gradients
-live until they are reduce-scattered.  ``offload_optimizer`` keeps the sharded parameters,
+``dp * sp`` ranks ``g``) shard them by ``g``, and while a step runs hold unsharded copies (each
+beside its flat all-gather buffer until the next gather): ZeRO 3 one layer at a loss outside the
+model, the root unit (embedding, final norm, LM head) twice and a layer at the chunked loss
+(inside the model's forward), the root and three layers' worth in a layer's backward (the layer,
+the one prefetched, the buffer); ZeRO 2 every unit from its forward to its backward.  Each
+unit's unsharded gradients live until they are reduce-scattered.  ``offload_optimizer`` keeps the sharded parameters,
 gradients and optimizer state in host memory (FSDP2's ``CPUOffloadPolicy``); ``offload`` the
 checkpointed layer inputs.  Host bytes are reported separately (``MemoryBreakdown.host``): a plan
 whose host bytes per node exceed the node's memory does not fit either.

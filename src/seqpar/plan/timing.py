@@ -146,6 +146,19 @@ def ring_time(steps: int, compute: float, kv_xfer: float, grad_xfer: float = 0.0
     return sum(max(c, (kv_xfer if i < steps - 1 else 0.0) + grad_xfer) for i in range(steps))
 
 
+def _host_traffic(cfg: ModelConfig, lay: ParallelLayout, dp: int, ms: MemorySettings, hw: Hardware,
+                  dtype_bytes: int, param_bytes: int, grad_bytes: int) -> tuple[float, float, float]:
+    """Seconds over PCIe: a checkpoint each way per layer (offload), and per step the sharded weights in
+    (each all-gather), the gradients out and AdamW on the CPU (offload_optimizer)."""
+    ckpt = dtype_bytes * lay.micro_batch * lay.s_replicated * cfg.hidden_size / (hw.pcie_gbps * 1e9)
+    state = 0.0
+    if ms.offload_optimizer:
+        local = -(-parameter_count(cfg, lay.tp) // (dp * lay.sp))
+        moved = local * (param_bytes * (2 if ms.zero_stage == 3 else 1) + grad_bytes)
+        state = moved / (hw.pcie_gbps * 1e9) + local / (hw.cpu_adam_gparams * 1e9)
+    return (ckpt, ckpt, state) if ms.offload else (0.0, 0.0, state)
+
+
 @functools.lru_cache(maxsize=16384)
 def layer_transfers_cached(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int, recompute: str
                            ) -> tuple[Transfer, ...]:
@@ -209,10 +222,9 @@ def estimate_layout_time(
     comp_b = mm_b / speed + attn_b_time
     comm_f = exposed_f + ring_extra_f
     comm_b = exposed_b + ring_extra_b
-    if ms.offload:  # each checkpoint to host in forward, back in backward, behind the layer's compute
-        ckpt = dtype_bytes * lay.micro_batch * lay.s_replicated * cfg.hidden_size / (hw.pcie_gbps * 1e9)
-        comm_f += max(0.0, ckpt - comp_f)
-        comm_b += max(0.0, ckpt - comp_b)
+    off_f, off_b, off_state = _host_traffic(cfg, lay, dp, ms, hw, dtype_bytes, param_bytes, grad_bytes)
+    comm_f += max(0.0, off_f - comp_f)  # checkpoints copied behind the layer's compute
+    comm_b += max(0.0, off_b - comp_b)
     layer_f, layer_b = comp_f + comm_f, comp_b + comm_b
     head_flops = 2.0 * lay.micro_batch * lay.seq_len * cfg.hidden_size * cfg.vocab_size / n_par
     head = (4 if ms.loss_chunk else 3) * head_flops / speed
@@ -221,11 +233,7 @@ def estimate_layout_time(
     dp_time = 0.0
     if dp_bytes:
         dp_time = dp_bytes / hw.bandwidth(group_spans_nodes(lay.tp, n_sync, hw.node_size))
-    dp_exposed = max(0.0, dp_time - L * comp_b - 2 * head / 3)
-    if ms.offload_optimizer:  # sharded weights in (each all-gather), gradients out, AdamW on the CPU
-        local = -(-parameter_count(cfg, lay.tp) // n_sync)
-        moved = local * (param_bytes * (2 if ms.zero_stage == 3 else 1) + grad_bytes)
-        dp_exposed += moved / (hw.pcie_gbps * 1e9) + local / (hw.cpu_adam_gparams * 1e9)
+    dp_exposed = max(0.0, dp_time - L * comp_b - 2 * head / 3) + off_state
     step = L * (layer_f + layer_b) + head + dp_exposed
     useful = 3 * (L * (fl["matmul"] + fl["attention"]) + head_flops * n_par)
     n_gpus = n_par * dp

@@ -190,6 +190,9 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     s.calls += 1
     # [B, H, S, D] -> BSHD views; seqpar's kernels make what they need contiguous
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q (RoPE'd in fp32), k, v alike
+        dtype = torch.get_autocast_dtype(query.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     step = kwargs.get(CACHE_KEY)  # seqpar.inference's prefill or decode step, None in training
     if step is not None:
         check(causal, ConfigError, f"{s.name}: seqpar inference needs a causal LM (this attention has is_causal=False)")
@@ -469,6 +472,10 @@ def _install(model: nn.Module, mesh: Mesh, strategy: str, layout: str) -> HFSett
 
 
 def __getattr__(name: str):
+    if name in ("Trainer", "SFTTrainer", "SeqParTrainerMixin"):  # loaded on first use: transformers.Trainer, trl
+        from . import hf_trainer
+
+        return getattr(hf_trainer, name)
     if name == "attention_forward":
         _RENAMED[name] = ("hf_attention", hf_attention)
     if name in _RENAMED:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from seqpar.cli import main
 from seqpar.cli.check import KEYS, STRATEGIES, _report, plan_cases
@@ -31,7 +32,8 @@ def test_packed_windowed_uneven_input_is_padded_and_exact(capsys):
 
 
 def _ns(**kw) -> argparse.Namespace:
-    base = dict(heads=8, kv_heads=2, ulysses=None, strategies=list(STRATEGIES))
+    base = dict(heads=8, kv_heads=2, ulysses=None, strategies=list(STRATEGIES), batch=1, seq_len=1024,
+                dtype="float32")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -39,7 +41,7 @@ def _ns(**kw) -> argparse.Namespace:
 def test_cases_follow_the_planner():
     cases = {s: (u, why) for s, u, why in plan_cases(_ns(heads=6, kv_heads=6), 4)}
     assert cases["ring"] == (None, "") and cases["allgather"] == (None, "") and cases["ring_qk_av"] == (None, "")
-    assert "heads=6, kv=6 not divisible by 4 ranks" in cases["ulysses"][1]
+    assert cases["ulysses"] == (None, "")  # run with its heads padded (6 -> 8), as seqpar.attention does
     assert cases["usp"] == (2, "")  # 6 heads split 2 ways, ring of 2 across
     assert plan_cases(_ns(), 8)[3] == ("usp", 4, "")  # the largest ulysses degree that fits
     assert plan_cases(_ns(ulysses=2), 8)[3] == ("usp", 2, "")
@@ -69,7 +71,8 @@ def test_error_table_rows_and_failure_status(capsys):
     grid = out.split("by world size:")[1].splitlines()
     assert grid[1].split() == ["strategy", "world", "1", "world", "2"]
     assert [line.split()[0] for line in grid[2:5]] == ["ring", "ulysses", "usp"]
-    assert "(3000.00)" in grid[3] and grid[4].split()[1:] == ["skipped", "skipped"]
+    assert "(3000.00)" in grid[3] and grid[4].split()[1:] == ["skipped", "(1)", "skipped", "(2)"]
+    assert "(1) skipped: no 2-D split" in out and "(2) skipped: no 2-D split of 2 ranks" in out
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -84,3 +87,48 @@ def test_invalid_shapes_exit_2_before_any_rank_starts(capsys, argv, message):
     assert main(["check", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("seqpar check: error: ") and message in err, err
+
+
+def test_ulysses_with_heads_that_do_not_divide_is_run_padded_and_says_so(capsys):
+    """It was skipped without a word; seqpar.attention pads the heads, so check runs what a user would."""
+    rc = main(["check", "--nproc", "4", "--seq-len", "64", "--heads", "6", "--kv-heads", "6", "--head-dim", "8",
+               "--strategies", "ulysses", "usp"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("ulysses") and line.split()[1] == "4")
+    assert "ok" in row and "(heads padded 6->8 over 4 ranks)" in row
+    grid = out.split("by world size:")[1]
+    assert "skipped (1)" in grid and "skipped (2)" in grid  # every skip says why
+    assert "(1) skipped: no 2-D split of 1 ranks" in grid and "(2) skipped: no 2-D split of 2 ranks" in grid
+
+
+def test_the_reference_streams_query_blocks_and_equals_one_call(monkeypatch):
+    """Memory O(S x block): the README's 8k-token check no longer builds [S, S] float64 per head."""
+    from seqpar.cli import check
+
+    spec = dict(batch=2, seq_len=40, heads=4, kv_heads=2, head_dim=8, dtype="float32", causal=True,
+                cu_seqlens=[0, 13, 40], window=[9, 0], layout="zigzag", seed=0, device="cpu")
+    whole = check.reference(spec)
+    monkeypatch.setattr(check, "REFERENCE_BLOCK_BYTES", 8 * 2 * 40 * 7)  # blocks of 7 query rows
+    blocks = check.reference(spec)
+    for key in KEYS:
+        assert torch.allclose(blocks[key], whole[key], rtol=0, atol=1e-12), key
+
+
+def test_ring_qk_av_too_big_for_the_machine_is_skipped_with_the_reason(monkeypatch):
+    from seqpar.cli import check
+
+    monkeypatch.setattr(check, "_memory_budget", lambda: 8 * 2**30)
+    cases = {s: why for s, _, why in plan_cases(_ns(heads=32, kv_heads=8, seq_len=8192), 4)}
+    assert "materialises B*H*S^2 scores (32.0 GiB in all)" in cases["ring_qk_av"]
+    assert "lower --seq-len or --heads" in cases["ring_qk_av"]
+    assert cases["ring"] == "" and cases["ulysses"] == ""
+    assert {s: why for s, _, why in plan_cases(_ns(seq_len=1024), 4)}["ring_qk_av"] == ""
+
+
+def test_device_cuda_without_cuda_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["check", "--device", "cuda", "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqpar check: error: --device cuda but this machine has no CUDA device")
+    assert "Traceback" not in err

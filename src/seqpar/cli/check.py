@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError, SeqParError
 from ..core.strategies import SP_STRATEGIES as STRATEGIES
+from .progress import Progress, fail
 
 __all__ = ["add_parser", "plan_cases", "run_case", "reference", "tolerance", "validate"]
 
@@ -80,6 +81,9 @@ def validate(ns: argparse.Namespace, world: int) -> None:
         if world % u or not 1 < u < world:
             raise ConfigError(f"--ulysses {u} must divide the world ({world} ranks) and lie strictly between 1 and "
                               f"it for usp: choose from {', '.join(map(str, ok)) or '(none)'}")
+    if getattr(ns, "device", None) == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device cuda but this machine has no CUDA device (torch {torch.__version__}): "
+                          f"drop --device (CPU), or run where a GPU and a CUDA build of torch are")
     if ns.seq_len > 16384:
         print(f"note: the float64 reference is O(S^2) per head: S={ns.seq_len} will be slow", file=sys.stderr)
 
@@ -100,17 +104,55 @@ def _usp_degree(ns: argparse.Namespace, world: int) -> tuple[int | None, str]:
 
 def plan_cases(ns: argparse.Namespace, world: int) -> list[tuple[str, int | None, str]]:
     """``(strategy, ulysses degree or None, skip reason or "")`` for every strategy at ``world`` ranks."""
-    out = []
+    out: list[tuple[str, int | None, str]] = []
     for s in ns.strategies:
-        if s == "ulysses" and world > 1 and (ns.heads % world or not _kv_ok(ns.kv_heads, world)):
-            out.append((s, None, f"heads={ns.heads}, kv={ns.kv_heads} not divisible by {world} ranks: the planner "
-                                 "does not consider it (use usp)"))
+        too_big = _too_big(s, ns, world)
+        if too_big:
+            out.append((s, None, too_big))
         elif s == "usp":
             u, why = _usp_degree(ns, world)
             out.append((s, u, why))
         else:
             out.append((s, None, ""))
     return out
+
+
+def padded_heads(heads: int, kv_heads: int, world: int) -> int | None:
+    """The query heads ulysses pads to at ``world`` ranks (when they do not split evenly), else None."""
+    if world <= 1 or (heads % world == 0 and _kv_ok(kv_heads, world)):
+        return None
+    return -(-heads // world) * world
+
+
+def _memory_budget() -> float:
+    """Bytes this machine can still give (``MemAvailable``), or infinity where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def _too_big(strategy: str, ns: argparse.Namespace, world: int) -> str:
+    """Why ``ring_qk_av`` must be skipped at this size ("" when it fits).
+
+    It materialises each rank's scores ``[B, H, S/N, S]``: about four such tensors (scores, probabilities
+    and their gradients) over all ranks, all on this machine when the ranks are local, whatever N is.
+    """
+    if strategy != "ring_qk_av":
+        return ""
+    item = 8 if ns.dtype == "float64" else 4  # the scores are float32 at least
+    need = 4 * ns.batch * ns.heads * ns.seq_len ** 2 * item
+    if "WORLD_SIZE" in os.environ:  # torchrun: each rank has its own device; this rank's share
+        need //= max(1, world)
+    budget = _memory_budget() / 2
+    if need <= budget:
+        return ""
+    return (f"materialises B*H*S^2 scores ({need / 2**30:.1f} GiB in all), more than half the "
+            f"{budget * 2 / 2**30:.1f} GiB available: lower --seq-len or --heads to include it")
 
 
 def _inputs(spec: dict):
@@ -151,16 +193,17 @@ def run_case(strategy: str, ulysses: int | None, spec: dict) -> dict | None:
     return res if (dist.get_rank() if dist.is_initialized() else 0) == 0 else None
 
 
-def _mask(spec: dict) -> torch.Tensor | None:
-    """``keep[i, j]``: query i sees key j (documents, causal, window); None when everything is visible."""
+def _mask(spec: dict, rows: slice | None = None) -> torch.Tensor | None:
+    """``keep[i, j]``: query i (of ``rows``) sees key j (documents, causal, window); None when all is visible."""
     s, cu, win = spec["seq_len"], spec["cu_seqlens"], spec["window"]
     if not spec["causal"] and cu is None and win is None:
         return None
+    rows = rows if rows is not None else slice(0, s)
     pos, doc = torch.arange(s), torch.zeros(s, dtype=torch.long)
     for i, (a, b) in enumerate(zip(cu or [0, s], (cu or [0, s])[1:])):
         doc[a:b], pos[a:b] = i, torch.arange(b - a)
-    rel = pos.unsqueeze(0) - pos.unsqueeze(1)  # key position - query position
-    keep = doc.unsqueeze(0) == doc.unsqueeze(1)
+    rel = pos.unsqueeze(0) - pos[rows].unsqueeze(1)  # key position - query position
+    keep = doc.unsqueeze(0) == doc[rows].unsqueeze(1)
     if spec["causal"]:
         keep &= rel <= 0
     if win is not None:
@@ -169,31 +212,41 @@ def _mask(spec: dict) -> torch.Tensor | None:
     return keep
 
 
+#: bytes of one block of float64 scores in the reference: memory stays O(S x block), not O(S^2)
+REFERENCE_BLOCK_BYTES = 2**26
+
+
 def reference(spec: dict, dtype: torch.dtype = torch.float64) -> dict:
-    """Single-device attention, one head at a time (bounded memory): out, lse, dq, dk, dv.
+    """Single-device attention, one head and one block of queries at a time: out, lse, dq, dk, dv.
 
     float64: dense math, the reference. Another ``dtype``: PyTorch's SDPA in it, the baseline
-    the tolerance is scaled from (its lse entry is left unset).
+    the tolerance is scaled from (its lse entry is left unset).  Each query's output depends on
+    its own row alone, so streaming the queries in blocks (the keys' and values' gradients summed
+    over the blocks) gives the same result as one call, in O(S x block) memory.
     """
     q, k, v, do = (t.to(DTYPES[spec["dtype"]]) for t in _inputs(spec))  # the inputs the strategies saw
-    keep, g = _mask(spec), spec["heads"] // spec["kv_heads"]
+    g, (b, s) = spec["heads"] // spec["kv_heads"], q.shape[:2]
+    block = max(1, min(s, REFERENCE_BLOCK_BYTES // (8 * b * s)))
     res = {"out": torch.empty(q.shape, dtype=dtype), "dq": torch.empty(q.shape, dtype=dtype),
            "dk": torch.zeros(k.shape, dtype=dtype), "dv": torch.zeros(v.shape, dtype=dtype),
            "lse": torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float64)}
     for h in range(q.shape[2]):
-        qh, kh, vh = (t[:, :, i].to(dtype, copy=True).requires_grad_() for t, i in ((q, h), (k, h // g), (v, h // g)))
-        if dtype == torch.float64:
-            s = qh @ kh.transpose(1, 2) / math.sqrt(q.shape[-1])
-            if keep is not None:
-                s = s.masked_fill(~keep, float("-inf"))
-            lse = torch.logsumexp(s, -1)
-            o = torch.softmax(s, -1) @ vh
-            res["lse"][:, h] = lse.detach()
-        else:
-            o = F.scaled_dot_product_attention(qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1),
-                                               attn_mask=keep).squeeze(1)
-        o.backward(do[:, :, h].to(dtype))
-        res["out"][:, :, h], res["dq"][:, :, h] = o.detach(), qh.grad
+        kh, vh = (t[:, :, h // g].to(dtype, copy=True).requires_grad_() for t in (k, v))
+        for a in range(0, s, block):
+            rows = slice(a, min(s, a + block))
+            qh = q[:, rows, h].to(dtype, copy=True).requires_grad_()
+            keep = _mask(spec, rows)
+            if dtype == torch.float64:
+                sc = qh @ kh.transpose(1, 2) / math.sqrt(q.shape[-1])
+                if keep is not None:
+                    sc = sc.masked_fill(~keep, float("-inf"))
+                res["lse"][:, h, rows] = torch.logsumexp(sc, -1).detach()
+                o = torch.softmax(sc, -1) @ vh
+            else:
+                o = F.scaled_dot_product_attention(qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1),
+                                                   attn_mask=keep).squeeze(1)
+            o.backward(do[:, rows, h].to(dtype))
+            res["out"][:, rows, h], res["dq"][:, rows, h] = o.detach(), qh.grad
         res["dk"][:, :, h // g] += kh.grad
         res["dv"][:, :, h // g] += vh.grad
     return res
@@ -213,22 +266,32 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _run_all(ns, spec, worlds, runner) -> tuple[dict, dict, list]:
+def _run_all(ns, spec, worlds, runner, progress: Progress | None = None) -> tuple[dict, dict, list]:
     """Run every (world, strategy), then compare: (tolerances, errors per (strategy, world), table rows).
 
     The references come after the runs, so that under torchrun the other ranks do not
     wait in a collective while rank 0 computes them.
     """
+    cases = [(world, case) for world in worlds for case in plan_cases(ns, world)]
+    total = len(cases) + 2
     runs = []
-    for world in worlds:
-        for strategy, u, why in plan_cases(ns, world):
-            runs.append((strategy, world, u, None if why else runner(world, run_case, strategy, u, spec)[0], why))
+    for i, (world, (strategy, u, why)) in enumerate(cases):
+        if progress is not None:
+            progress.line({"step": i, "what": f"{strategy} at world {world}"})
+        runs.append((strategy, world, u, None if why else runner(world, run_case, strategy, u, spec)[0], why))
+    if progress is not None:
+        progress.line({"step": total - 2, "what": "float64 reference on one process"})
     ref = reference(spec)
+    if progress is not None:
+        progress.line({"step": total - 1, "what": f"{spec['dtype']} SDPA baseline on one process"})
     baseline = reference(spec, dtype=DTYPES[spec["dtype"]])
+    if progress is not None:
+        progress.step({"step": total, "what": "done"})
+        progress.close()
     baseline.pop("lse")  # SDPA gives no lse: its tolerance is the floor alone
     tol = tolerance(spec, ref, baseline)
     errs: dict = {}
-    rows = []
+    rows: list[tuple] = []
     for strategy, world, u, res, why in runs:
         if res is None:
             rows.append((strategy, world, u, None, why))
@@ -236,6 +299,11 @@ def _run_all(ns, spec, worlds, runner) -> tuple[dict, dict, list]:
         e = errs[(strategy, world)] = {key: _err(res[key], ref[key]) for key in KEYS}
         rows.append((strategy, world, u, {**e, "padding": res["padding"]}, ""))
     return tol, errs, rows
+
+
+def count_cases(ns, worlds) -> int:
+    """Units of work :func:`_run_all` reports progress over: each case, the reference and the baseline."""
+    return sum(len(plan_cases(ns, w)) for w in worlds) + 2
 
 
 def _report(ns, spec, worlds, tol, errs, rows) -> int:
@@ -259,8 +327,11 @@ def _report(ns, spec, worlds, tol, errs, rows) -> int:
         bad = [k for k in KEYS if e[k] > tol[k]]
         failed += [(strategy, world, k) for k in bad]
         pad = f" (padded {e['padding']})" if e["padding"] else ""
+        heads = padded_heads(spec["heads"], spec["kv_heads"], world) if strategy == "ulysses" else None
+        pad += f" (heads padded {spec['heads']}->{heads} over {world} ranks)" if heads else ""
         print(f"{name:<11}{world:>6}" + "".join(f"{e[k]:>10.1e}" for k in KEYS) + "  "
               + ("ok" if not bad else "FAIL: " + ", ".join(bad)) + pad)
+    notes: list[str] = []
     if len(worlds) > 1:
         print("\nlargest error over out/lse/dq/dk/dv (error / tolerance), by world size:")
         print(f"{'strategy':<11}" + "".join(f"{'world ' + str(w):>20}" for w in worlds))
@@ -269,12 +340,17 @@ def _report(ns, spec, worlds, tol, errs, rows) -> int:
             for w in worlds:
                 e = errs.get((strategy, w))
                 if e is None:
-                    cells.append(f"{'skipped':>20}")
+                    why = next((r[4] for r in rows if r[0] == strategy and r[1] == w), "")
+                    if why and why not in notes:
+                        notes.append(why)
+                    cells.append(f"{'skipped (' + str(notes.index(why) + 1) + ')' if why else 'skipped':>20}")
                     continue
                 ratio = max(e[k] / tol[k] for k in KEYS)
                 failed += [(strategy, w, k) for k in KEYS if e[k] > tol[k] and w != top]
                 cells.append(f"{max(e[k] for k in KEYS):>13.1e} ({ratio:4.2f})")
             print(f"{strategy:<11}" + "".join(cells))
+        for i, why in enumerate(notes):
+            print(f"  ({i + 1}) skipped: {why}")
     print("\n" + ("all strategies within tolerance" if not failed else
                   f"FAILED: {len(failed)} error(s) above tolerance: "
                   + ", ".join(f"{s}@{w}:{k}" for s, w, k in failed)))
@@ -288,8 +364,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         validate(ns, world)
     except SeqParError as e:
-        print(f"seqpar check: error: {e}", file=sys.stderr)
-        return 2
+        return fail("check", e, quiet=torchrun and int(os.environ.get("RANK", "0")) != 0)
     device = ns.device or ("cuda" if torchrun and torch.cuda.is_available() else "cpu")
     spec = dict(batch=ns.batch, seq_len=ns.seq_len, heads=ns.heads, kv_heads=ns.kv_heads, head_dim=ns.head_dim,
                 dtype=ns.dtype, causal=ns.causal, window=list(ns.window) if ns.window else None,
@@ -299,7 +374,8 @@ def run(ns: argparse.Namespace) -> int:
     worlds = sorted({w for w in (2 ** i for i in range(world.bit_length())) if w <= world} | {world})
     from ..launch.pool import get_pool
 
-    tol, errs, rows = _run_all(ns, spec, worlds, lambda w, fn, *a: get_pool(w).run(fn, *a))
+    progress = Progress(count_cases(ns, worlds), "check", unit="case", stream=sys.stderr)
+    tol, errs, rows = _run_all(ns, spec, worlds, lambda w, fn, *a: get_pool(w).run(fn, *a), progress)
     return _report(ns, spec, worlds, tol, errs, rows)
 
 
@@ -315,7 +391,8 @@ def _run_torchrun(ns: argparse.Namespace, spec: dict, world: int) -> int:
     seqpar.init()  # initialises the process group from torchrun's environment
     rank = dist.get_rank()
     if rank == 0:
-        tol, errs, rows = _run_all(ns, spec, [world], lambda w, fn, *a: [fn(*a)])
+        progress = Progress(count_cases(ns, [world]), "check", unit="case", stream=sys.stderr)
+        tol, errs, rows = _run_all(ns, spec, [world], lambda w, fn, *a: [fn(*a)], progress)
         status = [_report(ns, spec, [world], tol, errs, rows)]
     else:
         for strategy, u, why in plan_cases(ns, world):  # the same calls, in the same order, as rank 0

@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Any
 
-from ..core.errors import SeqParError
+from ..core.errors import ConfigError, SeqParError
+from .progress import Progress, fail, mesh_rank, peak_mem_mb
 
 __all__ = ["add_parser", "generate_worker"]
 
@@ -80,15 +81,26 @@ def generate_worker(ns: dict) -> dict:
     ids = _prompt(ns, tok, model.config.vocab_size).to(device)
     sampler = Sampler(ns["do_sample"], ns["temperature"], ns["top_k"], ns["top_p"], ns["seed"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # rank 0 shows the two phases on stderr (stdout carries the result)
+    bar = Progress(2, "generate", unit="phase", stream=sys.stderr) if mesh_rank() == 0 else None
+    if bar:
+        bar.line({"step": 0, "what": f"prefill of {ids.shape[1]} tokens over sp={mesh.sp}"})
     sync()
     t0 = time.perf_counter()
     cache, logits = prefill(model, ids, reserve=ns["max_new_tokens"])
     sync()
     t1 = time.perf_counter()
     kv = cache.nbytes()  # after prefill: the prompt's share
+    if bar:
+        bar.line({"step": 1, "what": f"decode of up to {ns['max_new_tokens']} tokens",
+                  "tokens_per_s": ids.shape[1] / max(t1 - t0, 1e-9), "peak_mem_mb": peak_mem_mb(device.type)})
     new = decode(model, cache, logits, ns["max_new_tokens"], sampler=sampler, eos_token_id=ns["eos"])
     sync()
     t2 = time.perf_counter()
+    if bar:
+        bar.step({"step": 2, "what": f"{new.shape[1]} new tokens", "tokens_per_s": new.shape[1] / max(t2 - t1, 1e-9),
+                  "peak_mem_mb": peak_mem_mb(device.type)})
+        bar.close()
     text = tok.decode(new[0]) if tok is not None else None
     return {"ids": torch.cat([ids, new], 1).cpu(), "prompt_len": ids.shape[1], "prefill": t1 - t0,
             "decode": t2 - t1, "kv": kv, "text": text, "sp": mesh.sp, "device": device.type}
@@ -106,6 +118,24 @@ def _report(ns: argparse.Namespace, results: list[dict]) -> None:
     print(r["text"] if r["text"] is not None else f"new ids: {r['ids'][0, r['prompt_len']:].tolist()}", flush=True)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _in_hf_cache(name: str) -> bool:
+    """``name`` (``org/model``) has a config.json in the local Hugging Face cache (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed name: not in the cache
+        return False
+
+
 def _validate(ns: argparse.Namespace) -> None:
     """Mistakes named with their fix before any process starts."""
     if ns.prompt is not None and ns.prompt_file:
@@ -120,6 +150,14 @@ def _validate(ns: argparse.Namespace) -> None:
     Sampler(ns.do_sample, ns.temperature, ns.top_k, ns.top_p, ns.seed)  # bad sampling flags, named here
     if ns.max_new_tokens < 1 or ns.prompt_len < 1:
         raise SeqParError("--max-new-tokens and --prompt-len must be >= 1")
+    if ns.prompt_file and not os.path.isfile(ns.prompt_file):
+        raise ConfigError(f"--prompt-file {ns.prompt_file!r} does not exist (relative to {os.getcwd()!r})")
+    if ns.model and not os.path.isdir(ns.model) and not _in_hf_cache(ns.model):
+        raise ConfigError(f"--model {ns.model!r} is neither a directory nor a model in the local Hugging Face cache: "
+                          f"give the directory holding config.json and the weights")
+    if getattr(ns, "device", "cpu") == "cuda" and not _cuda():
+        raise ConfigError("--device cuda but this machine has no CUDA device: drop --device (CPU), or run where a "
+                          "GPU and a CUDA build of torch are")
     # under torchrun the world is WORLD_SIZE ranks (--nproc is for local ranks only)
     world, what = (int(os.environ["WORLD_SIZE"]), "the world size") if "WORLD_SIZE" in os.environ else \
         (ns.nproc, "--nproc")
@@ -134,8 +172,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         _validate(ns)
     except SeqParError as e:
-        print(f"seqpar generate: {e}", file=sys.stderr)
-        return 2
+        return fail("generate", e, quiet=int(os.environ.get("RANK", "0")) != 0)
     keys = ("model", "prompt", "prompt_file", "prompt_len", "max_new_tokens", "strategy", "layout", "ulysses",
             "dtype", "device", "do_sample", "temperature", "top_k", "top_p", "seed", "eos")
     cfg = {k: getattr(ns, k) for k in keys}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,7 +142,9 @@ def save(directory: str | Path, model, opt: torch.optim.Optimizer | None, step: 
         tmp.mkdir(parents=True)
     _barrier()
     state, _ = _state(model, opt, fresh=False, names=names)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process without a group is what no_dist means: no warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if _rank() == 0:
         optimizer = None if opt is None else {"type": type(opt).__name__, "moments": names, "step": has_step,
@@ -199,7 +202,9 @@ def load(path: str | Path, model, opt: torch.optim.Optimizer | None = None) -> i
         if opt is not None:
             _ensure_state(opt, step, names, has_step)
         state, targets = _state(model, opt, fresh=True, names=names)
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process without a group is what no_dist means: no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable files: a corrupted checkpoint
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted or does not match this model: {e}") from e
     for key, entry in targets:

@@ -1,4 +1,4 @@
-"""Training data: a synthetic long-context recall task and memory-mapped token files.
+"""Training data: synthetic long-context recall tasks and memory-mapped token files.
 
 Both produce the *global* batch of a step deterministically from (seed, step), so
 every rank builds the same batch and takes its own rows (dp) and tokens (sp):
@@ -14,7 +14,7 @@ import torch
 from ..core.errors import ConfigError, check
 from .loss import IGNORE
 
-__all__ = ["RecallTask", "TokenFile", "make_data"]
+__all__ = ["RecallTask", "LookupTask", "TokenFile", "make_data", "DATA_KEYS"]
 
 
 @dataclass
@@ -35,6 +35,7 @@ class RecallTask:
 
     def __post_init__(self):
         self.n_keys = (self.vocab_size - 2) // 2
+        check(self.pairs >= 1, ConfigError, f"recall task: pairs={self.pairs} must be >= 1")
         check(self.pairs <= self.n_keys, ConfigError,
               f"recall task: {self.pairs} pairs need {self.pairs} distinct keys but vocab_size={self.vocab_size} "
               f"gives {self.n_keys}: raise vocab_size or lower pairs")
@@ -61,6 +62,78 @@ class RecallTask:
 
 
 @dataclass
+class LookupTask:
+    """Key lookup across a long sequence: facts planted anywhere, questions at the very end.
+
+    ``[filler ... (k1,v1)x r ... filler ... (k2,v2)x r ... filler] [SEP] [q1 q2 ... qQ]``: each fact is a
+    token standing for a (key, value) pair, written ``repeat`` times in a row at a random depth of the
+    whole context (split over ranks, on any rank's shard: with the zigzag layout rank 0 holds both ends
+    of the sequence, the facts lie mostly elsewhere).  Each question is the key of one of the facts,
+    and its label (at the question itself) is that fact's value.  Answers never appear in the input, so
+    a question can only be answered from the facts, however often it is asked: one sequence gives
+    ``questions`` labels, a strong signal per step.  Keys are distinct within a sequence.  One
+    attention layer can learn it (a question's query matches the fact holding its key, whose value is
+    copied); without attention over the whole sequence it stays at chance (1 / values).
+    Tokens: 0 filler, 1 SEP, ``keys`` question tokens, ``values`` answer tokens, ``keys x values`` facts.
+    ``answer="fact"`` labels a question with the fact's own token instead (a copy, which a model with
+    tied embeddings learns faster); ``keys=1`` is passkey retrieval (one fact, asked at the end).
+    """
+
+    vocab_size: int
+    seq_len: int
+    pairs: int = 4
+    keys: int = 8
+    values: int = 16
+    questions: int = 0  # 0: one per fact
+    repeat: int = 1  # copies of each fact, side by side (a needle of `repeat` tokens)
+    answer: str = "value"  # the label: "value" (the value's token) or "fact" (the fact's own token: a copy)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.questions = self.questions or self.pairs
+        need = 2 + self.keys + self.values + self.keys * self.values
+        for name, low in (("pairs", 1), ("keys", 1), ("values", 2), ("questions", 1)):
+            value = getattr(self, name)
+            check(value >= low, ConfigError, f"lookup task: {name}={value} must be >= {low}")
+        check(need <= self.vocab_size, ConfigError,
+              f"lookup task: {self.keys} keys x {self.values} values need a vocabulary of {need} tokens "
+              f"(2 + keys + values + keys x values) but vocab_size={self.vocab_size}: raise vocab_size or lower "
+              f"keys/values")
+        check(self.pairs <= self.keys, ConfigError,
+              f"lookup task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: "
+              f"lower pairs or raise keys")
+        check(self.repeat >= 1, ConfigError, f"lookup task: repeat={self.repeat} must be >= 1")
+        check(self.answer in ("value", "fact"), ConfigError,
+              f"lookup task: answer={self.answer!r}: use 'value' (the value's token) or 'fact' (a copy of the fact)")
+        need = self.pairs * self.repeat + self.questions + 1
+        check(need <= self.seq_len, ConfigError,
+              f"lookup task: seq_len={self.seq_len} cannot hold {self.pairs} facts x {self.repeat} copies and "
+              f"{self.questions} questions ({need} tokens): raise seq_len or lower pairs / repeat / questions")
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        p, q, nk, nv, s = self.pairs, self.questions, self.keys, self.values, self.seq_len
+        context = s - q - 1
+        keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(batch_size)])
+        vals = torch.randint(0, nv, (batch_size, p), generator=g)
+        r = self.repeat
+        slots = torch.stack([torch.randperm(context // r, generator=g)[:p] for _ in range(batch_size)])
+        where = (slots * r).repeat_interleave(r, 1) + torch.arange(r).repeat(p)  # each fact's r positions
+        asked = torch.randint(0, p, (batch_size, q), generator=g)
+        ids = torch.zeros(batch_size, s, dtype=torch.long)
+        ids.scatter_(1, where, (2 + nk + nv + keys * nv + vals).repeat_interleave(r, 1))
+        ids[:, context] = 1
+        ids[:, context + 1:] = 2 + keys.gather(1, asked)
+        labels = torch.full_like(ids, IGNORE)
+        if self.answer == "fact":  # the answer is the fact's own token, copied from where it was planted
+            labels[:, context + 1:] = 2 + nk + nv + (keys * nv + vals).gather(1, asked)
+        else:
+            labels[:, context + 1:] = 2 + nk + vals.gather(1, asked)  # at each question, its value
+        return ids, labels
+
+
+@dataclass
 class TokenFile:
     """Random windows of a flat file of token ids (``numpy.memmap``; uint16, uint32 or int32)."""
 
@@ -72,7 +145,9 @@ class TokenFile:
     def __post_init__(self):
         import numpy as np
 
-        check(Path(self.path).is_file(), ConfigError, f"token file {self.path!r} does not exist")
+        check(Path(self.path).is_file(), ConfigError,
+              f"token file {self.path!r} does not exist (data.path; relative paths are from the working directory "
+              f"{str(Path.cwd())!r})")
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         check(len(self.tokens) > self.seq_len + 1, ConfigError,
               f"token file {self.path!r} holds {len(self.tokens)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}")
@@ -87,12 +162,39 @@ class TokenFile:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+#: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
+DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat", "answer"),
+    "tokens": ("kind", "path", "dtype")}
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
+
+
+def _int(spec: dict, key: str, default: int) -> int:
+    value = spec.get(key, default)
+    check(isinstance(value, int) and not isinstance(value, bool), ConfigError,
+          f"data.{key} = {value!r} must be an integer")
+    return value
+
+
 def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
-    """Data source from a config section: ``{"kind": "recall", "pairs": 8}`` or ``{"kind": "tokens", "path": ...}``."""
+    """Data source from a config section: ``{"kind": "recall", "pairs": 8}``, ``{"kind": "lookup", "pairs": 4,
+    "keys": 8, "values": 16}`` or ``{"kind": "tokens", "path": ..., "dtype": "uint16"}``.
+
+    Raises ConfigError naming an unknown kind or key (with the known ones), a bad value, a missing file.
+    """
+    check(isinstance(spec, dict), ConfigError, f"data must be a table (e.g. [data] kind = \"recall\"), got {spec!r}")
     kind = spec.get("kind", "recall")
+    check(kind in DATA_KEYS, ConfigError, f"unknown data kind {kind!r}: use one of {', '.join(DATA_KEYS)}")
+    unknown = sorted(set(spec) - set(DATA_KEYS[kind]))
+    check(not unknown, ConfigError, f"unknown key(s) {unknown} in [data] (kind = {kind!r}): its keys are "
+                                    f"{list(DATA_KEYS[kind])}")
     if kind == "recall":
-        return RecallTask(vocab_size, seq_len, int(spec.get("pairs", 8)), seed)
-    if kind == "tokens":
-        check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
-        return TokenFile(spec["path"], seq_len, spec.get("dtype", "uint16"), seed)
-    raise ConfigError(f"unknown data kind {kind!r}: use 'recall' or 'tokens'")
+        return RecallTask(vocab_size, seq_len, _int(spec, "pairs", 8), seed)
+    if kind == "lookup":
+        return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
+                          _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1),
+                          str(spec.get("answer", "value")), seed)
+    check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
+    dtype = spec.get("dtype", "uint16")
+    check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")
+    return TokenFile(str(spec["path"]), seq_len, dtype, seed)

@@ -146,7 +146,7 @@ def measure(case: str, seq_len: int, dtype: str = "float32", device: str = "cpu"
     return out
 
 
-#: memory settings (seqpar.models.recompute, the chunked loss) whose saved bytes the planner models
+#: memory settings (seqpar.core.recompute, the chunked loss) whose saved bytes the planner models
 MEMORY_SETTINGS: dict[str, dict] = {
     "selective": {"recompute": "selective"},
     "full": {"recompute": "full"},

@@ -1,7 +1,7 @@
 """Memory beyond attention for Hugging Face causal LMs: layer checkpointing with host offload, tiled MLPs,
 the loss without logits.
 
-The pieces of :mod:`seqpar.models.recompute` and :func:`seqpar.train.causal_lm_loss_from_hidden`,
+The pieces of :mod:`seqpar.core.recompute` and :func:`seqpar.train.causal_lm_loss_from_hidden`,
 fitted to a ``transformers`` decoder-only model (``model.model.layers``, ``layer.mlp``,
 ``model.lm_head``)::
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, check
 from ..core.mesh import Mesh, resolve_mesh
-from ..models.recompute import MemoryConfig, Offloader, checkpoint, tiled
+from ..core.recompute import MemoryConfig, Offloader, checkpoint, tiled
 from ..train.loss import LossOutput, causal_lm_loss_from_hidden
 
 __all__ = ["apply_memory", "model_loss", "memory_config"]
@@ -76,7 +76,7 @@ def apply_memory(model: nn.Module, *, recompute: str = "none", offload: bool = F
         mlp_tiles: run each layer's MLP over this many sequence tiles (1: off).
         checkpoint_every: must be 1 for HF models.
 
-    Returns the :class:`~seqpar.models.recompute.MemoryConfig`.  No communication.
+    Returns the :class:`~seqpar.core.recompute.MemoryConfig`.  No communication.
     """
     mem = MemoryConfig(recompute=recompute, offload=offload, mlp_tiles=mlp_tiles, checkpoint_every=checkpoint_every)
     name = type(model).__name__

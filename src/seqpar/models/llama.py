@@ -10,7 +10,7 @@ Token layout: the caller shards ``input_ids`` over the sp group with
 :func:`seqpar.shard` (``[B, S/sp]`` in ``layout`` order); with sequence
 parallelism the embedding's reduce-scatter cuts that shard contiguously over tp.
 
-Memory settings (:class:`~seqpar.models.recompute.MemoryConfig`, all exact): activation recomputation
+Memory settings (:class:`~seqpar.core.recompute.MemoryConfig`, all exact): activation recomputation
 (``recompute="none" | "selective" | "full"``, optional host ``offload`` of the checkpointed layer
 inputs, ``checkpoint_every`` k-th layer), ``mlp_tiles`` (each MLP block over sequence tiles), and
 ``forward(ids, labels=...)``, which computes per-token losses from the final hidden states in token
@@ -36,9 +36,9 @@ from ..core.configs import ModelConfig, get_config
 from ..core.errors import ShapeError, check
 from ..core.layout import position_ids as layout_position_ids
 from ..core.mesh import Mesh, resolve_mesh
+from ..core.recompute import MemoryConfig, Offloader, checkpoint, tiled
 from ..tp import ColumnParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..tp.cross_entropy import DEFAULT_LOSS_CHUNK, vocab_parallel_linear_cross_entropy
-from .recompute import MemoryConfig, Offloader, checkpoint, tiled
 
 __all__ = ["LlamaForCausalLM", "rope"]
 
@@ -193,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
 
     def configure_memory(self, *, recompute: str = "none", offload: bool = False, mlp_tiles: int = 1,
                          checkpoint_every: int = 1) -> MemoryConfig:
-        """Set the memory settings (see :class:`~seqpar.models.recompute.MemoryConfig`); returns them.
+        """Set the memory settings (see :class:`~seqpar.core.recompute.MemoryConfig`); returns them.
 
         Results are unchanged by every setting (up to float rounding of tiled weight-gradient sums).
         ``mlp_tiles`` must be the same on every rank of the tp group.  No communication.

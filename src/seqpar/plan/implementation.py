@@ -54,7 +54,7 @@ per token of targets and masks and the loss's 0-d scale factor.  With the
 chunked loss (``loss_chunk``): instead of the softmax and masks, the int64
 labels and two float32 statistics per token.
 
-Memory settings (:mod:`seqpar.models.recompute`): ``"selective"`` keeps each
+Memory settings (:mod:`seqpar.core.recompute`): ``"selective"`` keeps each
 norm's ``p``-byte input instead of its float32 internals and, of SwiGLU, the
 gate_up output and the down-projection input (``3 p loc f/t``), and drops
 ``ring_qk_av``'s probabilities; ``mlp_tiles > 1`` keeps of the MLP block (its

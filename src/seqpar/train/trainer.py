@@ -26,9 +26,9 @@ from ..core.configs import FIELD_NAMES, get_config
 from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
 from ..core.layout import LAYOUTS
 from ..core.mesh import Mesh, init
+from ..core.recompute import MemoryConfig
 from ..core.strategies import SP_STRATEGIES
 from ..models import LlamaForCausalLM
-from ..models.recompute import MemoryConfig
 from ..tp import skip_init
 from ..tp.cross_entropy import vocab_parallel_argmax
 from .data import make_data
@@ -124,7 +124,7 @@ class TrainConfig:
     eval_batches: int = 2
     peak_tflops: float | None = None  # per device, for the MFU estimate (989 for an H100 in bf16)
     timeout: float = 600.0  # seconds a collective may wait before the run fails (when seqpar starts the group)
-    # memory beyond attention (seqpar.models.recompute, seqpar.train.fsdp); none changes the results
+    # memory beyond attention (seqpar.core.recompute, seqpar.train.fsdp); none changes the results
     recompute: str = "none"  # "none" | "selective" | "full"
     offload: bool = False  # recompute="full": checkpointed layer inputs in host memory
     checkpoint_every: int = 1  # recompute="full": checkpoint every k-th layer's input (chains of k layers)

@@ -1,5 +1,6 @@
 """Memory beyond attention: activation recomputation, host offload of checkpoints, tiled token-wise blocks.
 
+Substrate, no model in sight (the reference model and the Hugging Face integration both use it).
 Three autograd pieces, each exact (backward replays the same forward, no RNG drawn differently):
 
 * :func:`checkpoint` ``(fn, *inputs)``: runs ``fn`` without keeping its intermediates and replays it
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, check
+from .errors import ConfigError, check
 
 __all__ = ["RECOMPUTE_MODES", "MemoryConfig", "Offloader", "CudaStreams", "checkpoint", "tiled"]
 
@@ -186,7 +187,8 @@ class Offloader:
               "(retain_graph=True is not supported with offload)")
         self._fetch(entry)
         out = entry.device_copy
-        assert out is not None
+        if out is None:  # _fetch always leaves a copy for an entry still holding its host tensor
+            raise ConfigError("an offloaded checkpoint could not be fetched back to its device")
         if entry.fetched is not None:
             api = self._streams(entry.device)
             current = api.current_stream(entry.device)

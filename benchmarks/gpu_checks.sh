@@ -149,3 +149,22 @@ run_step inference_hf 05_inference_hf.md 90 \
     done
 } >"$OUT_DIR/06_summary.txt" 2>&1
 cat "$OUT_DIR/06_summary.txt"
+
+# ==================================================================================================
+# Engineer B's block (issue 16, memory beyond attention): the planner's peak memory per GPU against
+# max_memory_allocated, every memory setting on and off (recompute, host offload, tiled MLP, chunked
+# loss, ZeRO-3), 4 ranks on cuda:0 over gloo, bf16. One step, one file (07), appended to the digest.
+# A ratio far from 1 in a row names the setting whose CUDA memory differs from the CPU-validated model
+# (expected: RMSNorm may run fused on CUDA and keep less; cuBLAS workspaces add a few MB per rank).
+# ==================================================================================================
+if [ "$DEV" = cpu ]; then
+    MEM=(--seq-lens 2048 4096 --dtype float32)
+else
+    MEM=(--seq-lens 65536 262144 --dtype bfloat16)
+fi
+run_step memory_plan 07_memory_plan.md 150 "$PY" benchmarks/memory_peak.py --device "$DEV" "${MEM[@]}"
+{
+    echo "== 07_memory_plan.md"
+    grep -E "^\| [A-Za-z]|^#|Error|error:" "$OUT_DIR/07_memory_plan.md" | cut -c1-200 | tail -n 24
+    tail -n 2 "$OUT_DIR/07_memory_plan.md"
+} | tee -a "$OUT_DIR/06_summary.txt"

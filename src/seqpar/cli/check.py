@@ -176,10 +176,9 @@ def run_case(strategy: str, ulysses: int | None, spec: dict) -> dict | None:
     mesh = _MESHES[key]
     dt, dev, lay, cu = DTYPES[spec["dtype"]], spec["device"], spec["layout"], spec["cu_seqlens"]
     full = [t.to(device=dev, dtype=dt) for t in _inputs(spec)]
-    shards, info = [], None
-    for t in full:
-        x, info = seqpar.shard(t, 1, layout=lay, mesh=mesh, cu_seqlens=cu, return_info=True)
-        shards.append(x)
+    split = [seqpar.shard(t, 1, layout=lay, mesh=mesh, cu_seqlens=cu, return_info=True) for t in full]
+    shards = [x for x, _ in split]
+    info = split[-1][1]  # q, k, v and dO have one sequence length: one split
     seq_info = info if cu is None and info.padding else None  # padding a plain sequence must be masked
     q, k, v = (x.detach().requires_grad_() for x in shards[:3])
     out, lse = seqpar.attention(q, k, v, causal=spec["causal"], strategy=strategy, mesh=mesh, layout=lay,

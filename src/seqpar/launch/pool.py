@@ -307,7 +307,7 @@ class WorkerPool:
                     continue
                 rank = pending.pop(ready)
                 try:
-                    data = ready.recv_bytes()
+                    data = self._conns[rank].recv_bytes()  # ready itself, typed: wait() returns any waitable
                 except (EOFError, OSError):
                     self._raise_dead([rank], name, errors)
                 try:
@@ -410,7 +410,8 @@ def run_on_ranks(fn: Callable, nproc: int, *args: Any, timeout: float | None = N
     Communication: under torchrun, one ``all_gather_object`` of the results.
     """
     if "WORLD_SIZE" not in os.environ:
-        with WorkerPool(nproc, **({} if timeout is None else {"timeout": timeout})) as pool:
+        # no timeout given: the pool's own default
+        with WorkerPool(nproc) if timeout is None else WorkerPool(nproc, timeout=timeout) as pool:
             return pool.run(fn, *args, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -9,6 +9,7 @@ from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import Mesh
 from . import mappings as mp
 from ._base import TPModule, divisible, load_full, set_full, should_init, skip_init
+from .layers import mark_param
 
 __all__ = ["VocabParallelEmbedding"]
 
@@ -52,10 +53,11 @@ class VocabParallelEmbedding(TPModule):
         self.vocab_end = self.vocab_start + self.per_rank
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=dtype, device=device))
-        self.weight.tensor_parallel, self.weight.partition_dim = True, 0
+        mark_param(self.weight, tensor_parallel=True, partition_dim=0)
         # the padding row as a local row index, on the rank that owns it (None elsewhere)
-        owned = padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end
-        self._local_padding_idx = padding_idx - self.vocab_start if owned else None
+        self._local_padding_idx: int | None = None
+        if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end:
+            self._local_padding_idx = padding_idx - self.vocab_start
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

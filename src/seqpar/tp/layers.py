@@ -38,13 +38,25 @@ from torch import nn
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import Mesh
 from . import mappings as mp
-from ._base import TPModule, divisible, load_full, set_full, should_init, skip_init
+from ._base import PARAM_MARKS, TPModule, divisible, load_full, set_full, should_init, skip_init
 from ._sp_linear import GatherLinear
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
 
-def _init_linear_full(out_f: int, in_f: int, bias: bool, like: torch.Tensor):
+def mark_param(p: nn.Parameter, **marks: bool | int) -> None:
+    """Set seqpar's marks (``tensor_parallel``, ``partition_dim``, ``sequence_parallel``) on ``p``.
+
+    They are plain attributes, unknown to ``nn.Parameter``'s type, hence ``setattr``; only the names in
+    ``PARAM_MARKS`` are accepted, as those are the ones a deepcopy of a TPModule carries over.
+    """
+    for name, value in marks.items():
+        check(name in PARAM_MARKS, ConfigError, f"unknown parameter mark {name!r}: use one of {PARAM_MARKS}")
+        setattr(p, name, value)
+
+
+def _init_linear_full(out_f: int, in_f: int, bias: bool,
+                      like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full weight/bias exactly as ``nn.Linear.reset_parameters`` draws them (same generator calls)."""
     w = torch.empty(out_f, in_f, dtype=like.dtype, device=like.device)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5))
@@ -92,12 +104,11 @@ class ColumnParallelLinear(TPModule):
             f"choose out_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.gather_output, self.seq_dim = sequence_parallel, gather_output, seq_dim
-        kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(self.out_per_rank, **kw)) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(self.out_per_rank, dtype=dtype, device=device)) if bias else None
         for p in (self.weight, self.bias):
             if p is not None:
-                p.tensor_parallel, p.partition_dim = True, 0
+                mark_param(p, tensor_parallel=True, partition_dim=0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -106,7 +117,7 @@ class ColumnParallelLinear(TPModule):
             return
         w, b = _init_linear_full(self.out_features, self.in_features, self.bias is not None, self.weight)
         load_full(self.weight, w, self.tp_size, self.tp_rank, 0)
-        if b is not None:
+        if self.bias is not None and b is not None:  # b is drawn exactly when there is a bias
             load_full(self.bias, b, self.tp_size, self.tp_rank, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,7 @@ class ColumnParallelLinear(TPModule):
             layer = cls(w.shape[1], w.shape[0], linear.bias is not None, mesh=mesh, sequence_parallel=sequence_parallel,
                         gather_output=gather_output, seq_dim=seq_dim, dtype=w.dtype, device=w.device)
         load_full(layer.weight, w, layer.tp_size, layer.tp_rank, 0)
-        if linear.bias is not None:
+        if layer.bias is not None:  # built with a bias exactly when linear has one
             load_full(layer.bias, linear.bias, layer.tp_size, layer.tp_rank, 0)
         return layer
 
@@ -176,13 +187,12 @@ class RowParallelLinear(TPModule):
             f"choose in_features as a multiple of {self.tp_size} (or pad it) or use a smaller tp")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.input_is_parallel, self.seq_dim = sequence_parallel, input_is_parallel, seq_dim
-        kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw))
-        self.weight.tensor_parallel, self.weight.partition_dim = True, 1
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype, device=device))
+        mark_param(self.weight, tensor_parallel=True, partition_dim=1)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         if self.bias is not None:
             # added on a sequence shard: each tp rank sees a different part of the gradient
-            self.bias.sequence_parallel = sequence_parallel
+            mark_param(self.bias, sequence_parallel=sequence_parallel)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,7 +201,7 @@ class RowParallelLinear(TPModule):
             return
         w, b = _init_linear_full(self.out_features, self.in_features, self.bias is not None, self.weight)
         load_full(self.weight, w, self.tp_size, self.tp_rank, 1)
-        if b is not None:
+        if self.bias is not None and b is not None:  # b is drawn exactly when there is a bias
             load_full(self.bias, b, self.tp_size, self.tp_rank, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +232,7 @@ class RowParallelLinear(TPModule):
             layer = cls(w.shape[1], w.shape[0], linear.bias is not None, mesh=mesh, sequence_parallel=sequence_parallel,
                         input_is_parallel=input_is_parallel, seq_dim=seq_dim, dtype=w.dtype, device=w.device)
         load_full(layer.weight, w, layer.tp_size, layer.tp_rank, 1)
-        if linear.bias is not None:
+        if layer.bias is not None:  # built with a bias exactly when linear has one
             load_full(layer.bias, linear.bias, layer.tp_size, layer.tp_rank, None)
         return layer
 

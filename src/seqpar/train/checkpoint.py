@@ -22,6 +22,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -185,12 +186,13 @@ def load(path: str | Path, model, opt: torch.optim.Optimizer | None = None) -> i
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable files: a corrupted checkpoint
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted (meta.json: {e})") from e
     # checkpoints written before the optimizer was recorded hold AdamW's moments
-    saved = meta["optimizer"] if "optimizer" in meta else {"type": "AdamW", "moments": list(MOMENTS), "step": True}
+    saved: dict[str, Any] | None = (
+        meta["optimizer"] if "optimizer" in meta else {"type": "AdamW", "moments": list(MOMENTS), "step": True})
     names, has_step = (saved["moments"], saved["step"]) if opt is not None and saved else ([], False)
     if opt is not None:
-        check(saved is not None, CheckpointError,
-              f"checkpoint {str(path)!r} holds no optimizer state (saved with opt=None): load the model alone "
-              f"(opt=None) and start the optimizer afresh")
+        if saved is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no optimizer state (saved with opt=None): load "
+                                  f"the model alone (opt=None) and start the optimizer afresh")
         check(type(opt).__name__ == saved["type"], CheckpointError,
               f"checkpoint {str(path)!r} holds {saved['type']} state, but the optimizer is {type(opt).__name__}: "
               f"resume with a {saved['type']}, or load the model alone (opt=None)")

@@ -259,7 +259,7 @@ def _flops_per_token(model: LlamaForCausalLM, seq_len: int) -> float:
     """6N for the matmuls plus causal attention (6 * L * h * S, half of the dense 12 L h S)."""
     n = sum(p.numel() for p in model.parameters()) * model.mesh.tp
     c = model.config
-    return 6 * n + 6 * c.num_layers * c.num_attention_heads * c.head_dim * seq_len
+    return 6 * n + 6 * c.num_layers * c.num_attention_heads * c.d * seq_len
 
 
 def _local_batch(data, cfg: TrainConfig, mesh: Mesh, step: int, device, vocab: int):
@@ -342,7 +342,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, log: Callable[[dict], N
         mesh = init(tp=cfg.tp, dp=cfg.dp, ulysses=cfg.ulysses, timeout=cfg.timeout)
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
     with skip_init():  # init_weights draws the same weights at every layout
-        model = LlamaForCausalLM(cfg.model, mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
+        model = LlamaForCausalLM(get_config(cfg.model), mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
                                  sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device,
                                  **dataclasses.asdict(cfg.memory()))
     model.init_weights(cfg.seed)

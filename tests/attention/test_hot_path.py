@@ -73,3 +73,22 @@ def test_plans_are_built_once_and_reused(monkeypatch):
     assert built == ["block_tasks"]  # one plan, one block, for six calls (a list and a tensor of the same packing)
     seqpar.attention(q, q, q, causal=True, mesh=one, cu_seqlens=[0, 20, 64], window=(9, 0))
     assert built == ["block_tasks"] * 2  # another packing: another plan
+
+
+def test_traced_preparation_carries_dynamos_constant_mark():
+    """seqpar marks its traced preparation as ``assume_constant_result`` does, without importing Dynamo;
+    if a torch release changes what the decorator sets, this fails (and so would the compiled tests)."""
+    import subprocess
+    import sys
+
+    from seqpar.attention import _CONSTANT_MARK, _prepare_traced
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert set(vars(marked)) == {_CONSTANT_MARK} and getattr(_prepare_traced, _CONSTANT_MARK) is True
+    # importing seqpar does not load Dynamo (seconds of every CLI start)
+    code = "import sys, seqpar.cli; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -47,7 +47,6 @@ class _Traced:
         self.spec, self.core = spec, core
 
 
-@torch.compiler.assume_constant_result
 def _prepare_traced(q_meta, k_meta, v_meta, mesh, group, layout, seq_info, options) -> _Traced:
     """:func:`_prepare` for ``torch.compile``: Dynamo calls it once per trace with constants (shapes, dtypes,
     devices, the mesh, group, layout and packing objects) and keeps its result as a constant."""
@@ -57,6 +56,13 @@ def _prepare_traced(q_meta, k_meta, v_meta, mesh, group, layout, seq_info, optio
     spec, core = _prepare(q, k, v, (causal, strategy, mesh, group, layout, cu_seqlens, seq_info, scale, window,
                                     backend, ring_transport, return_lse, name))
     return _Traced(spec, with_handle(core))
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing Dynamo at import time (that
+# import costs about 2.5 s of every process that imports seqpar; torch.compile loads Dynamo itself).
+# tests/attention/test_hot_path.py checks that the decorator still sets exactly this mark.
+_CONSTANT_MARK = "_dynamo_marked_constant"
+setattr(_prepare_traced, _CONSTANT_MARK, True)
 
 
 def _meta(t: torch.Tensor) -> tuple:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..core import comm
-from ..core.errors import ShapeError, check
+from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import Mesh, group_rank, group_size, resolve_mesh
 
 _SKIP_INIT = [False]
@@ -36,6 +36,17 @@ def should_init(*params: torch.Tensor) -> bool:
 
 
 PARAM_MARKS = ("tensor_parallel", "partition_dim", "sequence_parallel")
+
+
+def mark_param(p: nn.Parameter, **marks: bool | int) -> None:
+    """Set seqpar's marks (``tensor_parallel``, ``partition_dim``, ``sequence_parallel``) on ``p``.
+
+    They are plain attributes, unknown to ``nn.Parameter``'s type, hence ``setattr``; only the names in
+    ``PARAM_MARKS`` are accepted, as those are the ones a deepcopy of a TPModule carries over.
+    """
+    for name, value in marks.items():
+        check(name in PARAM_MARKS, ConfigError, f"unknown parameter mark {name!r}: use one of {PARAM_MARKS}")
+        setattr(p, name, value)
 
 
 def deepcopy_keeping_marks(module: _M, memo: dict, shared: tuple = ()) -> _M:

@@ -8,8 +8,7 @@ from torch import nn
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import Mesh
 from . import mappings as mp
-from ._base import TPModule, divisible, load_full, set_full, should_init, skip_init
-from .layers import mark_param
+from ._base import TPModule, divisible, load_full, mark_param, set_full, should_init, skip_init
 
 __all__ = ["VocabParallelEmbedding"]
 

@@ -38,21 +38,10 @@ from torch import nn
 from ..core.errors import ConfigError, ShapeError, check
 from ..core.mesh import Mesh
 from . import mappings as mp
-from ._base import PARAM_MARKS, TPModule, divisible, load_full, set_full, should_init, skip_init
+from ._base import TPModule, divisible, load_full, mark_param, set_full, should_init, skip_init
 from ._sp_linear import GatherLinear
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
-
-
-def mark_param(p: nn.Parameter, **marks: bool | int) -> None:
-    """Set seqpar's marks (``tensor_parallel``, ``partition_dim``, ``sequence_parallel``) on ``p``.
-
-    They are plain attributes, unknown to ``nn.Parameter``'s type, hence ``setattr``; only the names in
-    ``PARAM_MARKS`` are accepted, as those are the ones a deepcopy of a TPModule carries over.
-    """
-    for name, value in marks.items():
-        check(name in PARAM_MARKS, ConfigError, f"unknown parameter mark {name!r}: use one of {PARAM_MARKS}")
-        setattr(p, name, value)
 
 
 def _init_linear_full(out_f: int, in_f: int, bias: bool,

@@ -45,23 +45,27 @@ def assert_same_predictions(got: dict, ref: dict) -> None:
         torch.testing.assert_close(got["predictions"][i, :n], ref["predictions"][i, :n], rtol=1e-5, atol=1e-5)
 
 
-# world, degrees, arch, data, gradient accumulation, gradient checkpointing, strategy, also eval + predict
+# world, degrees, arch, data, gradient accumulation, gradient checkpointing, strategy, also eval + predict,
+# seqpar's memory settings (none changes the results)
 CASES = {
-    "w4-sp2dp2-llama-padded-ga2-eval": (4, {"sp": 2}, "llama", "padded", 2, False, "ring", True),
-    "w4-sp2dp2-qwen2-packed-checkpointing": (4, {"sp": 2}, "qwen2", "packed", 1, True, "ulysses", False),
-    "w2-sp2-llama-packed-ga2-checkpointing": (2, {"sp": 2}, "llama", "packed", 2, True, "ring", False),
-    "w4-usp-llama-padded": (4, {"sp": 4, "ulysses": 2}, "llama", "padded", 1, False, "usp", False),
+    "w4-sp2dp2-llama-padded-ga2-eval-chunked-loss": (4, {"sp": 2}, "llama", "padded", 2, False, "ring", True,
+                                                     {"loss_chunk": 7}),
+    "w4-sp2dp2-qwen2-packed-checkpointing": (4, {"sp": 2}, "qwen2", "packed", 1, True, "ulysses", False, {}),
+    "w2-sp2-llama-packed-ga2-checkpointing": (2, {"sp": 2}, "llama", "packed", 2, True, "ring", False, {}),
+    "w4-usp-llama-padded-recompute-offload-tiles": (4, {"sp": 4, "ulysses": 2}, "llama", "padded", 1, False, "usp",
+                                                    False, {"recompute": "full", "offload": True, "mlp_tiles": 3,
+                                                            "loss_chunk": 5}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_stock_trainer(pool, tmp_path, case):
-    world, degrees, arch, kind, ga, gc, strategy, predict = CASES[case]
+    world, degrees, arch, kind, ga, gc, strategy, predict, memory = CASES[case]
     dp, batch = world // degrees["sp"], 2
     ref = tc.stock_run(arch, kind, batch * dp, str(tmp_path / "stock"), ga=ga, gc=gc, predict=predict,
                        eval_batch=4 * dp)
     results = pool(world).run(tc.seqpar_run, arch, kind, batch, str(tmp_path / "sp"), degrees, strategy,
-                              ga=ga, gc=gc, predict=predict)
+                              ga=ga, gc=gc, predict=predict, **memory)
     got = results[0]
     assert_same_run(got, ref)
     for r in results:  # every rank logs (and reports) the global loss, not its shard's

@@ -307,7 +307,9 @@ class _Tiled(torch.autograd.Function):
         out = None
         with torch.no_grad():
             start = 0
-            for piece in x.chunk(tiles, dim):
+            # exactly `tiles` pieces (some empty when the length is short): the number of parameter-gradient
+            # hooks each backward fires stays fixed, as DDP's static graph requires
+            for piece in x.tensor_split(tiles, dim):
                 y = fn(piece)
                 check(y.shape[dim] == piece.shape[dim], ConfigError,
                       f"tiled: the function must be token-wise (dim {dim} in = out), got {tuple(piece.shape)} -> "
@@ -325,7 +327,7 @@ class _Tiled(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[3] else None
         start = 0
         with _rng_replay(ctx.rng):
-            for piece, g in zip(x.chunk(ctx.tiles, ctx.dim), grad.chunk(ctx.tiles, ctx.dim)):
+            for piece, g in zip(x.tensor_split(ctx.tiles, ctx.dim), grad.tensor_split(ctx.tiles, ctx.dim)):
                 xt = piece.detach().requires_grad_(grad_x is not None)
                 with torch.enable_grad():
                     y = ctx.fn(xt)

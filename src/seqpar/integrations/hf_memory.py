@@ -28,6 +28,7 @@ LM heads with a bias, logit soft-capping or scaling.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -186,8 +187,11 @@ def _head_computes_loss(model: nn.Module, labels: torch.Tensor, mesh: Mesh, chun
               f"loss does not reproduce: use hf.causal_lm_loss(model(**local).logits, labels, mesh)")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out["loss"] = causal_lm_loss_from_hidden(hidden, self.weight, labels, mesh, chunk=chunk)
-        return hidden.new_zeros(hidden.shape[:-1] + (0,))  # no logits
+        lo = out["loss"] = causal_lm_loss_from_hidden(hidden, self.weight, labels, mesh, chunk=chunk)
+        # No logits: an empty [B, S, 0] view of the loss, so that the model's output leads to the loss's graph.
+        # DDP with find_unused_parameters (the Trainer's default) walks the graph from the outputs; a loss
+        # outside them would leave the head's weight "unused", marked ready twice.
+        return lo.loss.reshape(1, 1, 1).expand(*hidden.shape[:-1], 1)[..., :0]
 
     _set(head, forward=types.MethodType(forward, head))
     try:
@@ -219,7 +223,11 @@ def model_loss(model: nn.Module, local: Mapping[str, Any], mesh: Mesh | None = N
           "model_loss needs the batch's labels: pass shard_batch({'input_ids': ..., 'labels': ...}, mesh)")
     out: dict[str, LossOutput] = {}
     with _head_computes_loss(model, labels, mesh, chunk, out):
-        model(**batch)
+        outputs = model(**batch)
     check("loss" in out, ConfigError,
           f"{type(_unwrap(model)).__name__}'s forward did not call its LM head (get_output_embeddings())")
-    return out["loss"]
+    lo = out["loss"]
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    # The loss through the model's (empty) output: a wrapper's backward hooks run on what leaves its
+    # forward (DDP with a static graph all-reduces from there), so the loss must pass that way. Adds 0.
+    return dataclasses.replace(lo, loss=lo.loss + logits.sum().to(lo.loss.dtype))

@@ -60,6 +60,7 @@ Tested with transformers 5.24, accelerate 1.16 and trl 1.16.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, cast
 
@@ -77,6 +78,7 @@ from ..train.loss import LossOutput, causal_lm_loss
 from ._hf_batch import INFO_KEY, shard_batch
 from ._hf_trainer_batch import SequenceBatch, count_targets, sequence_batch
 from .hf import apply
+from .hf_memory import model_loss
 
 __all__ = ["SeqParTrainerMixin", "Trainer"]  # and SFTTrainer, built on first access (it needs trl)
 
@@ -130,6 +132,11 @@ class SeqParTrainerMixin:
     ``ulysses`` (ulysses degree inside sp, for ``strategy="usp"``), ``strategy`` (see
     :func:`seqpar.attention`), ``layout`` (sequence layout), or ``mesh`` (a prebuilt
     :class:`~seqpar.Mesh` instead of sp / ulysses).  The mesh is ``trainer.mesh``.
+
+    Memory settings (none changes the results): ``loss_chunk`` (tokens per chunk of a training loss
+    computed from the final hidden states and the LM head's weight, never the ``[S/sp, V]`` logits;
+    evaluation keeps its logits), ``recompute`` / ``offload`` / ``mlp_tiles`` (per-layer checkpointing
+    with host offload, tiled MLPs: :func:`seqpar.integrations.hf_memory.apply_memory`).
     """
 
     # compute_loss normalises by num_items_in_batch, i.e. over the whole accumulation window
@@ -137,10 +144,15 @@ class SeqParTrainerMixin:
     mesh: Mesh
 
     def __init__(self, *args: Any, sp: int | None = None, ulysses: int | None = None, strategy: str = "ring",
-                 layout: str = "zigzag", mesh: Mesh | None = None, **kwargs: Any) -> None:
+                 layout: str = "zigzag", mesh: Mesh | None = None, loss_chunk: int | None = None,
+                 recompute: str = "none", offload: bool = False, mlp_tiles: int = 1, **kwargs: Any) -> None:
         check(strategy in STRATEGIES, ConfigError, f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
         get_layout(layout)
+        check(loss_chunk is None or (isinstance(loss_chunk, int) and loss_chunk > 0), ConfigError,
+              f"loss_chunk={loss_chunk!r}: give a positive number of tokens per chunk (or None for the logits' loss)")
         self.seqpar_strategy, self.seqpar_layout = strategy, layout
+        self.seqpar_loss_chunk = loss_chunk
+        self.seqpar_memory = {"recompute": recompute, "offload": offload, "mlp_tiles": mlp_tiles}
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None:
             _check_args(targs, kwargs.get("compute_loss_func"))
@@ -189,10 +201,31 @@ class SeqParTrainerMixin:
               "NEFTune scales its noise by the sequence length, which each rank sees only a shard of: drop "
               "neftune_noise_alpha with sp > 1")
 
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        """HF's accelerator arguments; with ``recompute`` or ``mlp_tiles`` DDP runs with a static graph.
+
+        seqpar's checkpoint and tiles replay a layer inside backward, so a parameter's gradient hook can
+        fire once per tile and outside the graph DDP sees from the outputs: DDP then needs
+        ``static_graph=True`` (it counts the hooks in the first step) and no search for unused parameters.
+        """
+        args = super()._build_accelerator_args(**kwargs)  # type: ignore[misc]
+        memory = self.seqpar_memory
+        if memory["recompute"] == "none" and memory["mlp_tiles"] == 1:
+            return args
+        check(self.args.ddp_static_graph is not False, ConfigError,  # type: ignore[attr-defined]
+              "recompute / mlp_tiles replay layers inside backward, which DDP supports with a static graph only: "
+              "leave ddp_static_graph unset (or True)")
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        args["kwargs_handlers"] = [
+            dataclasses.replace(h, find_unused_parameters=False, static_graph=True)
+            if isinstance(h, DistributedDataParallelKwargs) else h for h in args.get("kwargs_handlers", [])]
+        return args
+
     def _apply(self, model: Any) -> None:
         """Route ``model``'s attention through seqpar (a PEFT model: its base model)."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        apply(base, self.mesh, strategy=self.seqpar_strategy, layout=self.seqpar_layout)
+        apply(base, self.mesh, strategy=self.seqpar_strategy, layout=self.seqpar_layout, **self.seqpar_memory)
 
     def call_model_init(self, trial: Any = None) -> Any:
         model = super().call_model_init(trial)  # type: ignore[misc]
@@ -234,10 +267,14 @@ class SeqParTrainerMixin:
                          ) -> tuple[Any, LossOutput | None]:
         """The model on this rank's shard, and the exact global token-mean loss of its labels.
 
-        The one place the loss is computed.  To use a loss chunked over tokens from the hidden
-        states and the LM head's weight, replace the ``causal_lm_loss(out.logits, ...)`` line.
+        The one place the loss is computed.  With ``loss_chunk`` set and the model training, the loss
+        comes from the final hidden states and the LM head's weight in chunks of that many tokens
+        (:func:`seqpar.integrations.hf_memory.model_loss`) and ``out`` is None: no logits exist.
         Communication: the model's attention over sp; the loss's all-reduce over dp x sp.
         """
+        if labels is not None and self.seqpar_loss_chunk is not None and model.training:
+            batch = {**local, "labels": labels, "use_cache": False}
+            return None, model_loss(model, batch, self.mesh, chunk=self.seqpar_loss_chunk)
         out = model(**local, use_cache=False)
         return out, (None if labels is None else causal_lm_loss(out.logits, labels, self.mesh))
 
@@ -415,6 +452,9 @@ def _sft_trainer() -> type:
                   "output_router_logits=False")
 
         def _record_metrics(self, seq: SequenceBatch, outputs: Any, labels: torch.Tensor, lo: LossOutput) -> None:
+            if outputs is None:  # loss_chunk: no logits to measure; tokens are still counted
+                self._count_train_tokens(seq)
+                return
             # TRL's definitions over the tokens with a target: softmax entropy and top-1 accuracy, exact over dp x sp
             with torch.no_grad():
                 logp = torch.log_softmax(outputs.logits.float(), dim=-1)
@@ -427,10 +467,15 @@ def _sft_trainer() -> type:
             mode = "train" if getattr(self.model, "training", False) else "eval"
             self._metrics[mode]["entropy"].append(float(sums[0]) / n if n else 0.0)
             self._metrics[mode]["mean_token_accuracy"].append(float(sums[1]) / n if n else 0.0)
-            if mode == "train":  # tokens fed to the model (TRL: mask sum, or the flattened length), each group once
-                fed = seq.real_tokens.clone()
-                self._total_train_tokens += int(reduce_in_place(fed, self.mesh.dp_group).item())
+            if mode == "train":
+                self._count_train_tokens(seq)
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def _count_train_tokens(self, seq: SequenceBatch) -> None:
+            # tokens fed to the model (TRL: mask sum, or the flattened length), each group once
+            fed = seq.real_tokens.clone()
+            self._total_train_tokens += int(reduce_in_place(fed, self.mesh.dp_group).item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     return SFTTrainer
 

@@ -74,6 +74,7 @@ from ..core.debug import debug_enabled
 from ..core.errors import ConfigError, check
 from ..core.layout import get_layout, unshard
 from ..core.mesh import Mesh, init
+from ..core.recompute import MemoryConfig
 from ..train.loss import LossOutput, causal_lm_loss
 from ._hf_batch import INFO_KEY, shard_batch
 from ._hf_trainer_batch import SequenceBatch, count_targets, sequence_batch
@@ -152,7 +153,7 @@ class SeqParTrainerMixin:
               f"loss_chunk={loss_chunk!r}: give a positive number of tokens per chunk (or None for the logits' loss)")
         self.seqpar_strategy, self.seqpar_layout = strategy, layout
         self.seqpar_loss_chunk = loss_chunk
-        self.seqpar_memory = {"recompute": recompute, "offload": offload, "mlp_tiles": mlp_tiles}
+        self.seqpar_memory = MemoryConfig(recompute, offload, mlp_tiles)
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None:
             _check_args(targs, kwargs.get("compute_loss_func"))
@@ -210,7 +211,7 @@ class SeqParTrainerMixin:
         """
         args = super()._build_accelerator_args(**kwargs)  # type: ignore[misc]
         memory = self.seqpar_memory
-        if memory["recompute"] == "none" and memory["mlp_tiles"] == 1:
+        if memory.recompute == "none" and memory.mlp_tiles == 1:
             return args
         check(self.args.ddp_static_graph is not False, ConfigError,  # type: ignore[attr-defined]
               "recompute / mlp_tiles replay layers inside backward, which DDP supports with a static graph only: "
@@ -225,7 +226,9 @@ class SeqParTrainerMixin:
     def _apply(self, model: Any) -> None:
         """Route ``model``'s attention through seqpar (a PEFT model: its base model)."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        apply(base, self.mesh, strategy=self.seqpar_strategy, layout=self.seqpar_layout, **self.seqpar_memory)
+        m = self.seqpar_memory
+        apply(base, self.mesh, strategy=self.seqpar_strategy, layout=self.seqpar_layout, recompute=m.recompute,
+              offload=m.offload, mlp_tiles=m.mlp_tiles)
 
     def call_model_init(self, trial: Any = None) -> Any:
         model = super().call_model_init(trial)  # type: ignore[misc]

@@ -93,7 +93,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train the reference model from a TOML/YAML config (launch with torchrun)",
                        description=__doc__.split("\n\n")[0],
                        epilog="examples:\n  seqpar train examples/train_tiny.toml\n"
-                              "  torchrun --nproc-per-node 4 -m seqpar.cli train examples/train_tiny.toml",
+                              "  torchrun --nproc-per-node 2 -m seqpar.cli train examples/train_tiny.toml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="path to a .toml or .yaml config")
     p.set_defaults(func=run)

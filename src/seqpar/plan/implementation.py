@@ -40,10 +40,8 @@ Attention, by strategy (``a_t``/``kv_t`` heads per tp rank):
   size, and the o-projection input again after the return all-to-all
   (``p loc a_t d``). RoPE'd q/k and the qkv output are not kept (the
   all-to-all does not save its input). Causal ``ulysses`` on a permuted
-  (zigzag) layout also keeps the int64 inverse permutation (``8 s``) and the
-  permutation itself, which is cached by the layout and so shared by all layers:
-  it is counted once, outside the layers (a layer measured alone shows ``8 s``
-  bytes more than its term).
+  (zigzag) layout reorders the gathered tokens inside its core (one autograd
+  node), so no permutation is saved for backward.
 * ``ring_qk_av``: q, k, the qkv output as the local core, the float32
   probabilities ``acc b a_t (s/sp) s`` and the o-projection input.
 
@@ -63,7 +61,7 @@ norm and the MLP) only the input ``p rep h``; ``"full"`` keeps the layer input
 
 Modelling choices: no dropout (the model has none); ``attention_kernel`` is
 irrelevant (every kernel path saves only out and lse); ``recompute="full"``
-keeps the layer input only (no layer then saves Ulysses' cached permutation). PyTorch's CUDA build may
+keeps the layer input only. PyTorch's CUDA build may
 dispatch RMSNorm to a fused kernel that keeps only the input and ``rstd``:
 run the validation script with ``--device cuda`` to see what a GPU stores.
 """
@@ -124,8 +122,6 @@ def seqpar_layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dt
         terms["attn_output"] = p * rows * lay.heads_attn * d
         terms["softmax_lse"] = acc * rows * lay.heads_attn
         terms["o_input"] = p * loc * a_t * d
-        if st == "ulysses" and causal and lay.ulysses > 1:
-            terms["inverse_permutation"] = 8 * lay.seq_len  # int64, zigzag -> global order
     else:  # ring_qk_av
         terms.update(local_qkv)
         terms["scores"] = 0 if sel else acc * b * a_t * lay.s_local * lay.seq_len
@@ -159,6 +155,4 @@ def seqpar_non_layer_terms(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: i
         terms["logits_softmax"] = acc * loc * math.ceil(cfg.vocab_size / lay.tp)
         terms["loss_bookkeeping"] = 10 * loc  # int64 target index + bool masks (own, valid)
     terms["loss_scale"] = acc  # the 0-d (dp * sp) / tokens factor of the loss
-    if lay.strategy == "ulysses" and causal and lay.ulysses > 1 and recompute != "full":
-        terms["layout_permutation"] = 8 * lay.seq_len  # cached by the layout, saved by every layer
     return terms

@@ -152,7 +152,8 @@ def _execute(block: B.Block, page: _Page, pool) -> None:
     page.last, page.last_parsed = result, False
 
 
-@pytest.mark.parametrize("block", ALL, ids=[b.id for b in ALL])
+# With pytest-xdist (make test runs -n 2 --dist loadgroup) a page's blocks stay on one worker, in order.
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(b.page)) for b in ALL])
 def test_block(block: B.Block, pool, docs_tmp: Path) -> None:
     blocks = PAGES[block.page]
     page = _STATE.get(block.page)

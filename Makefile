@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seqpar-installed
 DOCS_STAMP := $(VENV)/.seqpar-docs-installed
 
-.PHONY: demo test lint install docs clean
+.PHONY: demo test test-slow test-all lint install docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src
 	$(VENV)/bin/mypy src
 
+# the suite (minutes on 2 cores); tests marked slow start processes (torchrun, launchers, the CLI on
+# several ranks, the documented recipes that do) or compile: make test-slow (CI runs both)
 test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 $(DOCS_STAMP): $(STAMP) pyproject.toml

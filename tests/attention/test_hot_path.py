@@ -30,6 +30,7 @@ def test_no_host_reads_in_forward_or_backward(pool, strategy, world, degrees):
 COMPILE_CASES = [(True, None, None), (True, CU, (6, 0)), (False, None, (5, 2))]
 
 
+@pytest.mark.slow  # torch.compile: seconds per strategy
 @pytest.mark.parametrize("strategy,world,degrees", RUNS, ids=[r[0] for r in RUNS])
 def test_compiled_fullgraph_equals_eager(pool, strategy, world, degrees):
     """torch.compile(fullgraph=True) traces seqpar.attention (plain causal, packed + windowed, windowed) and
@@ -40,11 +41,13 @@ def test_compiled_fullgraph_equals_eager(pool, strategy, world, degrees):
             assert res == {"diff": 0.0, "breaks": 0}, (case, res)
 
 
+@pytest.mark.slow
 def test_compiled_with_inductor(pool):
     for per_rank in pool(2).run(compiled_vs_eager, "allgather", [(True, CU, None)], {}, "inductor", timeout=300):
         assert per_rank == [{"diff": 0.0, "breaks": 0}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ring", "ulysses"])
 def test_compiled_llama_blocks_train_like_eager(pool, strategy):
     """Three AdamW steps of the seqpar Llama with every decoder block compiled (fullgraph) equal eager."""

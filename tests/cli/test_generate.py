@@ -52,6 +52,7 @@ def test_under_torchrun_the_world_size_counts_not_nproc(monkeypatch, capsys):
         _validate(main_ns)
 
 
+@pytest.mark.slow
 def test_under_torchrun():
     import subprocess
     import sys

@@ -1,6 +1,8 @@
 """Progress: a live bar on a terminal; plain log lines in a pipe, a file or under CI; each format tested."""
 from __future__ import annotations
 
+import pytest
+
 import io
 import os
 import pty
@@ -71,6 +73,7 @@ def _env(**extra) -> dict:
     return {**env, "PYTHONPATH": src + os.pathsep + env.get("PYTHONPATH", ""), "TERM": "xterm", **extra}
 
 
+@pytest.mark.slow
 def test_seqpar_train_on_a_terminal_draws_the_bar_and_in_a_pipe_logs_lines(tmp_path):
     cmd = [sys.executable, "-m", "seqpar.cli", "train", _train_config(tmp_path)]
     main, child = pty.openpty()

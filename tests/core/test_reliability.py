@@ -126,6 +126,7 @@ def _rank_main(rank: int, world: int, port: int, results) -> None:
         results.put((rank, str(e), time.time() - t0))
 
 
+@pytest.mark.slow
 def test_dead_rank_fails_the_others_with_the_step_named(tmp_path):
     import socket
 

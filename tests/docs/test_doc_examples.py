@@ -152,8 +152,27 @@ def _execute(block: B.Block, page: _Page, pool) -> None:
     page.last, page.last_parsed = result, False
 
 
-# With pytest-xdist (make test runs -n 2 --dist loadgroup) a page's blocks stay on one worker, in order.
-@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(b.page)) for b in ALL])
+#: a block that starts processes (torchrun, local ranks of the CLI, the examples): `make test-slow` runs it
+_SLOW = re.compile(r"torchrun|--nproc\b|examples/hf_|seqpar demo|accelerate launch")
+
+
+def _slow_blocks() -> set[str]:
+    """Blocks that start processes, and every later block of their page (which would run them first)."""
+    slow: set[str] = set()
+    for blocks in PAGES.values():
+        hit = False
+        for b in blocks:
+            hit = hit or (_mode(b) == "run" and b.lang == "shell" and bool(_SLOW.search(b.text)))
+            if hit:
+                slow.add(b.id)
+    return slow
+
+
+_SLOW_IDS = _slow_blocks()
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.id in _SLOW_IDS else [])
+                                   for b in ALL])
 def test_block(block: B.Block, pool, docs_tmp: Path) -> None:
     blocks = PAGES[block.page]
     page = _STATE.get(block.page)

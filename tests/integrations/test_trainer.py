@@ -228,6 +228,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_example_under_launcher(tmp_path, launcher):
     """examples/hf_trainer.py, 2 ranks sharing every sequence (sp = 2), equals the stock Trainer on one process.

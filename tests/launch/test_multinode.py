@@ -15,6 +15,8 @@ import pytest
 from seqpar.train.metrics import read_metrics
 from seqpar.train.trainer import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # two launches of two torchrun agents
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SRC = Path(__file__).resolve().parents[2] / "src"
 BASE = {"model": "tiny", "seq_len": 64, "micro_batch": 2, "lr": 0.01, "log_every": 1, "eval_batches": 1,

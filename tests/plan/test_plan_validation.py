@@ -57,6 +57,7 @@ def test_saved_bytes_of_every_memory_setting_to_the_byte(pool, case):
         assert r["measured"] == r["predicted"], r
 
 
+@pytest.mark.slow
 def test_peak_of_a_training_step_within_5_percent_and_its_slope_within_2(pool):
     """The planner's device peak against the CPU allocator's own count over one training step (4 ranks,
     ring sp=4, float32; benchmarks/memory_peak.py), at two lengths: the peak within 5%, the bytes per extra

@@ -64,6 +64,7 @@ def run_checkpointed(overrides: dict, directory: str, steps: int, save_every: in
     return train(cfg).losses
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_at_another_layout(pool, tmp_path):
     full = pool(1).run(losses_per_setting, {"strategy": "ring", "steps": 6, "micro_batch": 2}, [])[0]["plain"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

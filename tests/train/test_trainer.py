@@ -110,6 +110,7 @@ def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
         load(path, model, opt)
 
 
+@pytest.mark.slow
 def test_train_command_under_torchrun(tmp_path):
     # ulysses = 2: the degrees are checked against torchrun's world (2), not the 1 seen before the group exists
     cfg = tmp_path / "run.toml"

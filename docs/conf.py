@@ -50,5 +50,5 @@ suppress_warnings = ["ref.python"]
 
 html_theme = "furo"
 html_title = f"seqpar {release}"
-html_static_path = ["_static"]
+html_static_path: list[str] = []  # no static files of our own
 mermaid_version = "11.4.1"

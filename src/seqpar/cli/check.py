@@ -407,7 +407,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0],
                        epilog="examples:\n  seqpar check --heads 32 --kv-heads 8 --head-dim 128 --seq-len 4096\n"
                               "  seqpar check --cu-seqlens 0 300 700 1024 --window 255 0 --nproc 4\n"
-                              "  torchrun --nproc-per-node 8 -m seqpar.cli check --dtype bfloat16 --seq-len 32768  # on GPUs",
+                              "  torchrun --nproc-per-node 8 -m seqpar.cli check --dtype bfloat16 --seq-len 32768"
+                              "  # on GPUs",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=4, help="local ranks (default 4; ignored under torchrun)")
     p.add_argument("--heads", type=int, default=8)

@@ -14,7 +14,7 @@ import torch
 from ..core.errors import ConfigError, check
 from .loss import IGNORE
 
-__all__ = ["RecallTask", "LookupTask", "TokenFile", "make_data", "DATA_KEYS"]
+__all__ = ["RecallTask", "LookupTask", "NeedleTask", "TokenFile", "make_data", "DATA_KEYS"]
 
 
 @dataclass
@@ -134,6 +134,63 @@ class LookupTask:
 
 
 @dataclass
+class NeedleTask:
+    """Passkey retrieval: needles planted at random depths, asked for from far away.
+
+    The haystack is drawn from ``filler`` tokens.  Each of ``kinds`` needles is one of ``values`` tokens
+    of its kind (never in the haystack: "the odd token out"), ``repeat`` copies in a row at a random
+    depth.  ``questions`` question marks follow, each of a kind whose needle lies before it, labelled
+    with that needle.  Tokens: ``0 .. filler-1`` haystack, then the ``kinds`` question marks, then
+    ``kinds x values`` needles.  Chance accuracy is 1 / values.
+    """
+
+    vocab_size: int
+    seq_len: int
+    values: int = 16
+    kinds: int = 1
+    filler: int = 16
+    questions: int = 64
+    repeat: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("values", 2), ("kinds", 1), ("filler", 1), ("questions", 1), ("repeat", 1)):
+            value = getattr(self, name)
+            check(value >= low, ConfigError, f"needle task: {name}={value} must be >= {low}")
+        need = self.filler + self.kinds * (1 + self.values)
+        check(need <= self.vocab_size, ConfigError,
+              f"needle task: {self.filler} filler + {self.kinds} x (1 question + {self.values} needle) tokens need a "
+              f"vocabulary of {need} but vocab_size={self.vocab_size}: raise vocab_size or lower filler/kinds/values")
+        check(self.kinds * self.repeat + self.questions < self.seq_len, ConfigError,
+              f"needle task: seq_len={self.seq_len} cannot hold {self.kinds} needles x {self.repeat} and "
+              f"{self.questions} questions: raise seq_len or lower them")
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        s, k, r, q = self.seq_len, self.kinds, self.repeat, self.questions
+        ids = torch.randint(0, self.filler, (batch_size, s), generator=g)
+        labels = torch.full_like(ids, IGNORE)
+        for b in range(batch_size):
+            # needles in distinct slots of r tokens; questions in the other positions, after their needle
+            slots = torch.randperm((s - q) // r, generator=g)[:k]
+            depth = slots * r
+            needle = self.filler + k + torch.arange(k) * self.values + torch.randint(0, self.values, (k,), generator=g)
+            taken = torch.zeros(s, dtype=torch.bool)
+            for c in range(k):
+                ids[b, depth[c]:depth[c] + r] = needle[c]
+                taken[depth[c]:depth[c] + r] = True
+            first = int(depth.min()) + r  # questions only where some needle lies before
+            free = (~taken[first:]).nonzero().flatten() + first
+            at = free[torch.randperm(len(free), generator=g)[:q]]
+            known = (depth.unsqueeze(0) + r <= at.unsqueeze(1))  # [q, k]: kinds planted before each question
+            pick = torch.multinomial(known.float(), 1, generator=g).flatten()
+            ids[b, at] = self.filler + pick
+            labels[b, at] = needle[pick]
+        return ids, labels
+
+
+@dataclass
 class TokenFile:
     """Random windows of a flat file of token ids (``numpy.memmap``; uint16, uint32 or int32)."""
 
@@ -165,7 +222,7 @@ class TokenFile:
 #: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
 DATA_KEYS: dict[str, tuple[str, ...]] = {
     "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat", "answer"),
-    "tokens": ("kind", "path", "dtype")}
+    "needle": ("kind", "values", "kinds", "filler", "questions", "repeat"), "tokens": ("kind", "path", "dtype")}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
@@ -194,6 +251,9 @@ def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
         return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
                           _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1),
                           str(spec.get("answer", "value")), seed)
+    if kind == "needle":
+        return NeedleTask(vocab_size, seq_len, _int(spec, "values", 16), _int(spec, "kinds", 1),
+                          _int(spec, "filler", 16), _int(spec, "questions", 64), _int(spec, "repeat", 1), seed)
     check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
     dtype = spec.get("dtype", "uint16")
     check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")

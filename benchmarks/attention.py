@@ -191,66 +191,149 @@ def run_drift(ns) -> None:
             print(f"| {strategy} | {world} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |", flush=True)
 
 
-def run_emulated_ring(ns) -> None:
-    """Decomposition efficiency of one ring rank, on one device, no communication."""
-    from seqpar.attention.ring import _backward_block, _empty_acc, _forward_block
-    from seqpar.core.kernels import attention_with_lse, pick_backend
+def _emulated_plans(ns, s: int, mask: str):
+    """(plan over N ranks, plan over the whole sequence on one rank, causal) for a mask of the emulated ring."""
+    from seqpar.attention.plans import LayoutPlan, MetaPlan
     from seqpar.core.layout import get_layout
+    from seqpar.core.packing import seq_info
+
+    lay, n = get_layout(ns.layout), ns.nproc
+    causal = mask != "full"
+    if mask in ("causal", "full"):
+        return LayoutPlan(lay, n, s // n, causal), None, causal
+    window = (ns.window, 0) if mask == "window" else None
+    cu = list(range(0, s, ns.doc_len)) + [s] if mask == "packed" else [0, s]
+    info = seq_info(lay, n, cu_seqlens=cu)
+    whole = seq_info(lay, 1, cu_seqlens=cu)
+    metas = [info.meta(r) for r in range(n)]
+    if info.padding:
+        raise SystemExit(f"--doc-len {ns.doc_len} does not split over {n} ranks in {ns.layout}: pick a multiple of "
+                         f"{n * lay.granule}")
+    return MetaPlan(metas, causal, window), MetaPlan([whole.meta(0)], causal, window), causal
+
+
+def _rank_times(ns, plan, q, k, v, do, out_full, lse_full, r, fused, scale, backend):
+    """(forward s, backward s or None) of ring rank ``r``'s block loop, blocks already on the device."""
+    from seqpar.attention.blocks import backward_block, empty_accumulators, forward_block
+
+    device, n = ns.device, plan.n
+    lay_idx = [_rank_index(plan, ns, src, q.shape[1]).to(device) for src in range(n)]
+    ql = q[:, lay_idx[r]]
+    kv = [(k[:, lay_idx[src]], v[:, lay_idx[src]]) for src in range(n)]
+    blocks = [plan.block(r, src, device, fused) for src in range(n)]
+
+    def forward():
+        acc_out, acc_lse = empty_accumulators(ql)
+        for (kb, vb), block in zip(kv, blocks):
+            if not block.empty:
+                forward_block(ql, kb, vb, block, acc_out, acc_lse, scale=scale, backend=backend)
+
+    t_fwd = _time(forward, device, ns.reps)
+    if not ns.backward:
+        return t_fwd, None
+    dol, out_l, lse_l = do[:, lay_idx[r]], out_full[:, lay_idx[r]], lse_full[:, :, lay_idx[r]]
+
+    def backward():
+        dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
+        for (kb, vb), block in zip(kv, blocks):
+            dk = torch.zeros(kb.shape, dtype=torch.float32, device=device)
+            dv = torch.zeros_like(dk)
+            if not block.empty:
+                backward_block(dol, ql, kb, vb, out_l, lse_l, block, dq, dk, dv, scale=scale, backend=backend)
+
+    return t_fwd, _time(backward, device, ns.reps)
+
+
+def _rank_index(plan, ns, rank: int, s: int) -> torch.Tensor:
+    """Global positions ring rank ``rank`` holds (the plan's layout, packed documents laid out one by one)."""
+    from seqpar.core.layout import get_layout
+    from seqpar.core.packing import seq_info
+
+    if hasattr(plan, "layout"):
+        return plan.layout.indices(s, plan.n, rank)
+    cu = list(range(0, s, ns.doc_len)) + [s] if ns.current_mask == "packed" else [0, s]
+    return seq_info(get_layout(ns.layout), plan.n, cu_seqlens=cu).indices(rank)
+
+
+def run_emulated_ring(ns) -> None:
+    """Decomposition efficiency of one ring rank, on one device, no communication; masked paths per visible pair."""
+    from seqpar.attention.blocks import empty_accumulators, forward_block
+    from seqpar.core.kernels import attention_with_lse, pick_backend, varlen_supported
 
     device, dtype, n = ns.device, DTYPES[ns.dtype], ns.nproc
     torch.set_num_threads(ns.threads)  # on a shared CPU, idle OpenMP threads stall small elementwise ops
     print(f"# emulated ring rank: N={n}, {ns.dtype}, B={ns.batch} H={ns.heads} Hkv={ns.kv_heads} D={ns.head_dim}, "
-          f"{device}; efficiency = (single-device time / N) / (worst rank's ring compute); median of {ns.reps}")
-    print("| S | causal | layout | pass | single ms | single/N ms | worst rank ms | efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
-    lay = get_layout(ns.layout)
+          f"{device}, layout {ns.layout}; efficiency = (single-device time / N) / (worst rank's ring compute); "
+          f"ms per 1G pairs: worst rank per 10^9 visible query-key pairs (x H x B), vs the causal mask's; "
+          f"median of {ns.reps}; packed: documents of {ns.doc_len}, window: ({ns.window}, 0) causal")
+    print("| S | mask | pass | kernels | single ms | single/N ms | worst rank ms | efficiency | pairs/rank (M) | "
+          "ms per 1G pairs | vs causal per pair |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in ns.seq_lens:
-        for causal in ns.mask:
-            q, k, v, do = _inputs(ns.batch, s, ns.heads, ns.kv_heads, ns.head_dim, dtype, device)
-            backend = pick_backend(q, ns.backend)
-            scale = ns.head_dim ** -0.5
-            t_single = _time(lambda: attention_with_lse(q, k, v, causal=causal, backend=backend), device, ns.reps)
-            local = s // n
-            worst = 0.0
-            for r in range(n) if causal else [0]:  # non-causal: every rank does the same work
-                idx = lay.indices(s, n, r).to(device)
-                ql = q[:, idx]
-                blocks = [(src, torch.stack([k[:, lay.indices(s, n, src).to(device)],
-                                             v[:, lay.indices(s, n, src).to(device)]])) for src in range(n)]
+        q, k, v, do = _inputs(ns.batch, s, ns.heads, ns.kv_heads, ns.head_dim, dtype, device)
+        backend = pick_backend(q, ns.backend)
+        fused = varlen_supported(q, backend)
+        scale = ns.head_dim ** -0.5
+        per_pair = {}
+        for mask in ns.masks:
+            ns.current_mask = mask
+            plan, whole, causal = _emulated_plans(ns, s, mask)
+            kern = "fused varlen" if fused and whole is not None else backend
+            if whole is None:
+                single = lambda: attention_with_lse(q, k, v, causal=causal, backend=backend)  # noqa: E731
+            else:  # one device: the same masks as one block (packed: one varlen call over every document)
+                block = whole.block(0, 0, device, fused)
 
-                def rank_forward():
-                    acc_out, acc_lse = _empty_acc(ql)
-                    for src, kv in blocks:
-                        _forward_block(ql, kv, lay.ring_tasks(n, r, src, local, causal), acc_out, acc_lse, scale, backend)
-                    return acc_out.to(ql.dtype), acc_lse
-
-                worst = max(worst, _time(rank_forward, device, ns.reps))
-            eff = (t_single / n) / worst
-            print(f"| {s} | {causal} | {ns.layout} | fwd | {t_single * 1e3:.2f} | {t_single / n * 1e3:.2f} | "
-                  f"{worst * 1e3:.2f} | {eff:.2f} |", flush=True)
+                def single(block=block):
+                    acc_out, acc_lse = empty_accumulators(q)
+                    forward_block(q, k, v, block, acc_out, acc_lse, scale=scale, backend=backend)
+                    return acc_out.to(q.dtype), acc_lse
+            t_single = _time(single, device, ns.reps)
+            out_full = lse_full = None
             if ns.backward:
                 qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-                out_full, lse_full = attention_with_lse(qs, ks, vs, causal=causal, backend=backend)
-                t_single_b = _time(lambda: torch.autograd.grad(out_full, (qs, ks, vs), do, retain_graph=True),
-                                   device, ns.reps)
-                worst_b = 0.0
-                for r in range(n) if causal else [0]:
-                    idx = lay.indices(s, n, r).to(device)
-                    ql, dol = q[:, idx], do[:, idx]
-                    out_l, lse_l = out_full[:, idx].detach(), lse_full[:, :, idx]
-                    blocks = [(src, torch.stack([k[:, lay.indices(s, n, src).to(device)],
-                                                 v[:, lay.indices(s, n, src).to(device)]])) for src in range(n)]
+                out_full, lse_full = (attention_with_lse(qs, ks, vs, causal=causal, backend=backend) if whole is None
+                                      else single())
+                out_full = out_full.detach()
+            worst_f = worst_b = 0.0
+            pairs = 0
+            for r in range(n) if causal else [0]:  # non-causal: every rank does the same work
+                t_f, t_b = _rank_times(ns, plan, q, k, v, do, out_full, lse_full, r, fused and whole is not None,
+                                       scale, backend)
+                worst_f, worst_b = max(worst_f, t_f), max(worst_b, t_b or 0.0)
+                pairs = max(pairs, plan.work(r, fused and whole is not None)[0])
+            for pass_, worst in (("fwd", worst_f), ("bwd", worst_b)) if ns.backward else (("fwd", worst_f),):
+                if pass_ == "bwd":
+                    out_g, inputs_g, do_g = _grad_args(q, k, v, do, causal, backend, whole)
+                    t_single = _time(lambda: torch.autograd.grad(out_g, inputs_g, do_g, retain_graph=True), device,
+                                     ns.reps)
+                rate = worst / (pairs * ns.heads * ns.batch) * 1e9
+                per_pair.setdefault(pass_, {})[mask] = rate
+                base = per_pair[pass_].get("causal")
+                print(f"| {s} | {mask} | {pass_} | {kern} | {t_single * 1e3:.2f} | {t_single / n * 1e3:.2f} | "
+                      f"{worst * 1e3:.2f} | {(t_single / n) / worst:.2f} | {pairs / 1e6:.1f} | {rate * 1e3:.3f} | "
+                      f"{'' if base is None else f'{rate / base:.2f}'} |", flush=True)
 
-                    def rank_backward():
-                        dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
-                        for src, kv in blocks:
-                            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=device)
-                            _backward_block(dol, ql, kv, out_l, lse_l, lay.ring_tasks(n, r, src, local, causal), dq,
-                                            dkv, scale, backend)
 
-                    worst_b = max(worst_b, _time(rank_backward, device, ns.reps))
-                print(f"| {s} | {causal} | {ns.layout} | bwd | {t_single_b * 1e3:.2f} | {t_single_b / n * 1e3:.2f} | "
-                      f"{worst_b * 1e3:.2f} | {(t_single_b / n) / worst_b:.2f} |", flush=True)
+def _grad_args(q, k, v, do, causal, backend, whole):
+    """(out, inputs, grad) of the single-device forward, for timing its backward."""
+    from seqpar.core.kernels import attention_with_lse
+
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    if whole is None:
+        out, _ = attention_with_lse(qs, ks, vs, causal=causal, backend=backend)
+        return out, (qs, ks, vs), do
+    import seqpar
+
+    out = seqpar.attention(qs, ks, vs, causal=causal, mesh=seqpar.Mesh(), backend=backend,
+                           cu_seqlens=[c for c in _whole_cu(whole)], window=getattr(whole, "window", None))
+    return out, (qs, ks, vs), do
+
+
+def _whole_cu(whole) -> list[int]:
+    doc = whole.metas[0].doc
+    starts = [0] + (torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1).tolist() + [doc.numel()]
+    return starts
 
 
 def main() -> None:
@@ -271,12 +354,13 @@ def main() -> None:
     p.add_argument("--emulate-ring", action="store_true", help="decomposition efficiency of one ring rank")
     p.add_argument("--drift", action="store_true", help="bf16 error vs world size (first --seq-lens entry)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8], help="(drift) world sizes")
-    p.add_argument("--mask", nargs="+", default=["causal", "full"], choices=("causal", "full"),
-                   help="(emulate-ring) masks to measure")
+    p.add_argument("--masks", nargs="+", default=["causal", "full"], choices=("causal", "full", "packed", "window"),
+                   help="(emulate-ring) masks to measure: packed documents of --doc-len, a causal --window")
+    p.add_argument("--doc-len", type=int, default=16384, help="(emulate-ring, packed) tokens per document")
+    p.add_argument("--window", type=int, default=4096, help="(emulate-ring, window) tokens to the left")
     p.add_argument("--backward", action="store_true", help="(emulate-ring) time the backward loop too")
     p.add_argument("--backend", default="auto", help="(emulate-ring) local kernel: auto, cudnn, flash, ...")
     ns = p.parse_args()
-    ns.mask = [m == "causal" for m in ns.mask]
     if ns.drift:
         run_drift(ns)
     elif ns.emulate_ring:

@@ -40,6 +40,9 @@ Example::
 
     python benchmarks/peers.py --nproc 2 4 --seq-lens 512 1024 2048 4096 --reps 7
 
+``--overhead`` measures instead the host overhead per call at tiny shapes, every seqpar strategy
+beside both peers (``benchmarks/overhead.py``).
+
 DeepSpeed notes: ``deepspeed.init_distributed`` is not called (on CPU it JIT-compiles a
 shared-memory op); a ``TorchBackend`` adopting the pool's gloo world is installed as
 ``deepspeed.comm``'s backend instead, and a minimal Megatron-style ``mpu`` (SP group = world) is
@@ -415,6 +418,12 @@ def _rows(n, cfg, res, tol):
 
 
 def main() -> None:
+    if "--overhead" in sys.argv[1:]:  # host overhead per call at tiny shapes: benchmarks/overhead.py
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import overhead
+
+        overhead.main([a for a in sys.argv[1:] if a != "--overhead"])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")

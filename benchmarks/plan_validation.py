@@ -146,6 +146,77 @@ def measure(case: str, seq_len: int, dtype: str = "float32", device: str = "cpu"
     return out
 
 
+#: memory settings (seqpar.core.recompute, the chunked loss) whose saved bytes the planner models
+MEMORY_SETTINGS: dict[str, dict] = {
+    "selective": {"recompute": "selective"},
+    "full": {"recompute": "full"},
+    "full, chains of 2": {"recompute": "full", "checkpoint_every": 2},
+    "mlp tiles 4": {"mlp_tiles": 4},
+    "selective + tiles": {"recompute": "selective", "mlp_tiles": 4},
+    "loss chunks 256": {"loss_chunk": 256},
+    "full + tiles + chunks": {"recompute": "full", "mlp_tiles": 4, "loss_chunk": 256},
+}
+
+
+def measure_setting(case: str, seq_len: int, setting: str, dtype: str = "float32") -> int:
+    """Worker task: the bytes the whole model (forward + loss) saves on this rank with a memory setting."""
+    from seqpar.train.loss import causal_lm_loss, global_token_mean
+
+    _, degrees, strategy, spar = CASES[case]
+    m = _mesh(degrees)
+    mem = dict(MEMORY_SETTINGS[setting])
+    chunk = mem.pop("loss_chunk", 0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG, mesh=m, strategy=strategy, sequence_parallel=spar, dtype=DTYPES[dtype], **mem)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CONFIG.vocab_size, (1, seq_len), generator=g)
+    ids_local = seqpar.shard(ids, 1, mesh=m)
+    labels = seqpar.shard(torch.roll(ids, -1, 1), 1, mesh=m)
+    with saved_activations(exclude=model.parameters()) as saved:
+        if chunk:
+            loss = global_token_mean(model(ids_local, labels=labels, loss_chunk=chunk), labels, m).loss
+        else:
+            loss = causal_lm_loss(model(ids_local), labels, m).loss
+    del loss
+    return saved.bytes
+
+
+def predict_setting(case: str, seq_len: int, setting: str, dtype_bytes: int) -> int:
+    """The planner's stored activation bytes for ``case`` with a memory setting (seqpar accounting)."""
+    _, degrees, strategy, spar = CASES[case]
+    tp, sp = degrees.get("tp", 1), degrees.get("sp", 1)
+    if sp == 1:
+        strategy = "none" if tp == 1 else "megatron"
+    mem = MEMORY_SETTINGS[setting]
+    return activation_memory(CONFIG, seq_len, 1, tp=tp, sequence_parallel=spar, dtype_bytes=dtype_bytes, sp=sp,
+                             strategy=strategy, ulysses=degrees.get("ulysses") if strategy == "usp" else None,
+                             implementation="seqpar", recompute=mem.get("recompute", "none"),
+                             mlp_tiles=mem.get("mlp_tiles", 1), loss_chunk=mem.get("loss_chunk", 0),
+                             checkpoint_every=mem.get("checkpoint_every", 1))
+
+
+def setting_rows(seq_lens, settings, cases, runner, dtype: str = "float32") -> list[dict]:
+    """Measured (max over ranks) and predicted saved bytes per (case, setting, S)."""
+    out = []
+    for case in cases:
+        for setting in settings:
+            for s in seq_lens:
+                res = runner(CASES[case][0], measure_setting, case, s, setting, dtype)
+                out.append({"case": case, "setting": setting, "seq_len": s, "measured": max(res),
+                            "predicted": predict_setting(case, s, setting, DTYPES[dtype].itemsize)})
+    return out
+
+
+def setting_table(data: list[dict]) -> str:
+    head = ["layout", "setting", "S", "predicted MiB", "measured MiB", "ratio", "diff bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data:
+        lines.append("| " + " | ".join([r["case"], r["setting"], str(r["seq_len"]), _mb(r["predicted"]),
+                                         _mb(r["measured"]), f"{r['measured'] / r['predicted']:.4f}",
+                                         f"{r['measured'] - r['predicted']:+d}"]) + " |")
+    return "\n".join(lines)
+
+
 def predict(case: str, seq_len: int, dtype_bytes: int) -> dict:
     """The planner's per-GPU activation bytes for ``case``: seqpar accounting, and the paper's for reference."""
     _, degrees, strategy, spar = CASES[case]
@@ -207,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
                     help=f"layouts to run (default all): {', '.join(CASES)}")
     ap.add_argument("--terms", action="store_true", help="also print the measured layer bytes by source line")
+    ap.add_argument("--settings", nargs="*", choices=list(MEMORY_SETTINGS), metavar="SETTING",
+                    help=f"instead: the whole model's saved bytes with these memory settings (none given: all): "
+                         f"{', '.join(MEMORY_SETTINGS)}")
     ns = ap.parse_args(argv)
     if ns.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device visible to PyTorch")
@@ -222,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         return pools[world].run(fn, *args)
 
     try:
+        if ns.settings is not None:
+            data = this.setting_rows(ns.seq_lens, ns.settings or list(MEMORY_SETTINGS), ns.cases, runner, ns.dtype)
+            print(this.setting_table(data))
+            worst = max(abs(r["measured"] / r["predicted"] - 1) for r in data)
+            print(f"\nlargest |measured/predicted - 1|: {worst:.6f}")
+            return 0
         data = this.rows(ns.seq_lens, ns.dtype, ns.device, ns.cases, runner, ns.terms)
     finally:
         for p in pools.values():

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import seqpar
 from seqpar.launch.pool import get_pool
 from tests.attention.cases import assemble, run_attention, run_invalid
 from tests.helpers import max_err, qkv, sdpa_reference
@@ -72,6 +73,15 @@ def test_bfloat16_drift_at_world_8(pool):
     ("cu_order", "strictly increasing"),
     ("gqa", "not divisible by kv heads"), ("dims", "must be [batch, seq, heads, head_dim]"),
     ("mismatch", "must have the same shape"), ("odd", "layout 'zigzag'"), ("dtype", "dtypes differ"),
+    ("integer", "must be floating point"), ("head_dim", "head_dim is 0"), ("float_cu", "cu_seqlens must hold integers"),
+    ("float_cu_list", "cu_seqlens must hold integers"), ("backend", "backend='flash' runs on CUDA tensors"),
+    ("scale", "scale=nan must be a finite number"),
+    ("layout_mismatch", "q was sharded with layout 'contiguous' over 4 ranks, one sequence of 32 tokens, but "
+                        "attention (ring) was called for layout 'zigzag'"),
+    ("packing_mismatch", "q was sharded with layout 'zigzag' over 4 ranks, one sequence of 32 tokens, but attention "
+                         "(ring) was called for layout 'zigzag' over 4 ranks, 2 packed documents"),
+    ("padding_mismatch", "padded to 32, but attention (ring) was called for layout 'zigzag' over 4 ranks, one "
+                         "sequence of 32 tokens"),
 ])
 def test_bad_input_fails_on_every_rank_before_any_collective(pool, call, needle):
     for res in pool(4).run(run_invalid, call):
@@ -141,3 +151,63 @@ def test_explicit_single_process_mesh_stays_local_inside_a_world(pool):
         assert padding == 1
         for o in out.values():
             assert torch.allclose(o, out["ring"], atol=1e-6)
+
+
+def single_process_any_length():
+    """One process: zigzag needs no split, so any length runs unpadded (sharding, attention, unsharding)."""
+    from seqpar.core.mesh import Mesh
+
+    mesh_1 = Mesh()
+    q, k, v = (torch.randn(1, 7, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    local = seqpar.shard(q, 1, mesh=mesh_1)
+    out = seqpar.attention(local, k, v, causal=True, mesh=mesh_1, layout="zigzag")
+    back = seqpar.unshard(out, 1, mesh=mesh_1)
+    pos = seqpar.position_ids(7, mesh=mesh_1)
+    return local.shape[1], back.detach(), pos
+
+
+def test_single_process_takes_any_length_in_zigzag():
+    n, out, pos = single_process_any_length()
+    assert n == 7 and pos.tolist() == list(range(7)) and out.shape == (1, 7, 2, 8)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 1e-3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_real_scale_works(causal, scale):
+    """scale <= 0 gave NaN through the CPU flash kernel under a causal mask: q is scaled instead."""
+    from seqpar.core.kernels import attention_with_lse, reference_attention
+    from seqpar.core.mesh import Mesh
+
+    q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64) for _ in range(3))
+    want, _ = reference_attention(q, k, v, causal=causal, scale=scale)
+    out = seqpar.attention(q, k, v, causal=causal, scale=scale, mesh=Mesh())
+    assert torch.allclose(out, want, atol=1e-10)
+    out, _ = attention_with_lse(q, k, v, causal=causal, scale=scale)
+    assert torch.allclose(out, want, atol=1e-10)
+
+
+def sharded_then_gathered_loss(grad: str):
+    """Every rank computes the same loss on the unsharded output: the gradient of q with unshard's grad mode."""
+    from tests.helpers import mesh
+
+    m = mesh()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = seqpar.attention(*(seqpar.shard(t, 1) for t in (q, k, v)), causal=True)
+    full = seqpar.unshard(out, 1, grad=grad)
+    (full ** 2).sum().backward()
+    return q.grad
+
+
+def test_unshard_gradient_for_a_loss_every_rank_computes(pool):
+    """A loss on unshard(out) on every rank: 'replicated' gives the single-device gradient, the default 'sum'
+    (the dual of the all-gather) counts it once per rank, as documented."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True) ** 2).sum().backward()
+    for world in (2, 4):
+        for got in pool(world).run(sharded_then_gathered_loss, "replicated"):
+            assert torch.allclose(got, q.grad, atol=1e-10)
+        for got in pool(world).run(sharded_then_gathered_loss, "sum"):
+            assert torch.allclose(got, world * q.grad, atol=1e-10)

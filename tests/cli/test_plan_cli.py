@@ -61,8 +61,6 @@ def test_seqpar_accounting_changes_the_memory(capsys):
     (["llama3-8b", "--seq-len", "8k", "--gpus", "6", "--tp", "3"], "does not divide the 32 attention heads"),
     (["llama3-8b", "--seq-len", "8k", "--gpus", "6", "--ulysses", "3"],
      "32 attention heads of llama3-8b are not divisible by --ulysses 3: choose --ulysses from 2"),
-    (["llama3-8b", "--seq-len", "1001", "--gpus", "8", "--sp", "8"],
-     "--seq-len 1001 cannot be split over --sp 8: use a multiple of 8 (e.g. 1000 or 1008)"),
     (["llama3-8b", "--seq-len", "8k", "--gpus", "8", "--sp", "3"], "--sp 3 does not divide --gpus 8"),
     (["llama9", "--seq-len", "8k"], "unknown model 'llama9'; known models: gpt3-175b"),
     (["--hidden", "4096", "--heads", "32", "--seq-len", "8k"], "missing --layers, --ffn, --vocab"),
@@ -109,3 +107,91 @@ def test_module_is_callable_and_keeps_its_functions():
     assert isinstance(p, seqpar.plan.Plan) and p.recommended.fits
     assert seqpar.plan.plan("tiny", 1024, 2, gpu_memory_gb=1.0).recommended.label == p.recommended.label
     assert seqpar.plan.activation_memory_per_layer("tiny", 1024, 1) > 0
+
+
+# ---------------------------------------------------------------- realistic questions (issue 17, item 4)
+
+def test_all_lists_every_layout_even_when_nothing_fits(capsys):
+    rc, out, err = _run(capsys, "llama3-70b", "--seq-len", "1M", "--gpus", "8", "--all", "--plain")
+    assert rc == 2 and "nothing fits" in err
+    assert "ring sp=8" in out and "ulysses sp=8" in out  # the table the user asked for, infeasible rows too
+    assert len([line for line in out.splitlines() if " no " in line or " n/a " in line]) > 5
+
+
+def test_json_errors_reach_stdout(capsys):
+    for argv in (["llama3-8b", "--seq-len", "8k", "--gpus", "6", "--tp", "4", "--json"],
+                 ["llama3-70b", "--seq-len", "1M", "--gpus", "8", "--json"]):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 2 and err.startswith("seqpar plan: error: ")
+        assert json.loads(out)["error"] == err.strip()[len("seqpar plan: error: "):]
+
+
+def test_the_fix_is_written_as_the_flags_typed(capsys):
+    rc, _, err = _run(capsys, "llama3-70b", "--seq-len", "64k", "--gpus", "2", "--recompute", "selective",
+                      "--zero-stage", "1", "--no-offload-optimizer")
+    assert rc == 2 and "nothing fits" in err
+    assert "dropping --recompute selective" in err and "dropping --zero-stage 1" in err
+    assert "dropping --no-offload-optimizer" in err and "more --gpus" in err and "a shorter --seq-len" in err
+    assert "=" not in err.split("; try ")[1]  # no Python keyword syntax in the advice
+
+
+def test_sp_degrees_that_do_not_divide_the_sequence_are_padded(capsys):
+    p = seqpar.plan("llama3-8b", 1000, 16, strategies=["ring"])
+    ring16 = [c for c in p.candidates if c.sp == 16]
+    assert ring16 and ring16[0].feasible and ring16[0].padded_len == 1024 and "padded to 1024" in ring16[0].reason
+    rc, out, _ = _run(capsys, "llama3-8b", "--seq-len", "1001", "--gpus", "8", "--sp", "8", "--plain")
+    assert rc == 0 and "padded to 1008" in out
+
+
+def test_ties_go_to_data_parallelism_which_communicates_less():
+    # links so fast that nothing is exposed: sp=4 and dp=4 run the same tokens per second
+    p = seqpar.plan("tiny", 4096, 4, tp=1, strategies=["none", "ring"], nvlink_gbps=1e9, ib_gbps=1e9,
+                    recompute="none", zero_stage=0, mlp_tiles=1, loss_chunk=0)
+    ring = next(c for c in p.candidates if c.strategy == "ring" and c.sp == 4)
+    assert ring.time.tokens_per_s == pytest.approx(p.recommended.time.tokens_per_s, rel=1e-9)
+    assert p.recommended.label == "none dp=4" and ring.memory.total < p.recommended.memory.total
+
+
+def test_inference_honours_tp_and_refuses_training_flags(capsys):
+    rc, _, err = _run(capsys, "llama3-8b", "--seq-len", "8k", "--gpus", "8", "--inference", "--tp", "3")
+    assert rc == 2 and "tp=3" in err
+    rc, out, _ = _run(capsys, "llama3-8b", "--seq-len", "8k", "--gpus", "8", "--inference", "--tp", "2", "--json")
+    assert rc == 0 and {o["tp"] for o in json.loads(out)["options"]} == {2}
+    for flag in (["--strategies", "ring"], ["--sp", "4"], ["--recompute", "full"], ["--zero-stage", "3"]):
+        rc, _, err = _run(capsys, "llama3-8b", "--seq-len", "8k", "--gpus", "8", "--inference", *flag)
+        assert rc == 2 and f"{flag[0]} plan(s) training, not --inference" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--plot", "/nonexistent/dir/plan.png"], ["--emit-config", "/nonexistent/dir/run.toml"],
+    ["--peak-tflops", "-5"], ["--utilization", "2"], ["--loss-chunk", "-1"], ["--mlp-tiles", "0"],
+    ["--offload", "--recompute", "selective"], ["--host-memory", "-1"],
+])
+def test_bad_input_is_one_line_and_a_nonzero_status(capsys, argv):
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib")
+    rc, _, err = _run(capsys, "llama3-8b", "--seq-len", "32k", "--gpus", "8", *argv)
+    assert rc == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("seqpar plan: error: "), err
+
+
+# ---------------------------------------------------------------- memory settings (issue 16)
+
+def test_readme_example_recommends_a_layout(capsys):
+    rc, out, _ = _run(capsys, "llama3-70b", "--seq-len", "128k", "--gpus", "32", "--plain")
+    assert rc == 0 and out.startswith("Recommended: ")
+    best = seqpar.plan("llama3-70b", 131072, 32).recommended
+    assert best.fits and best.settings.label in out
+
+
+def test_max_seq_len_answers_the_longest_sequence_and_how(capsys):
+    rc, out, _ = _run(capsys, "llama3-8b", "--gpus", "8", "--max-seq-len", "--accounting", "seqpar", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["max_seq_len"] >= 4 * 2**20  # ALST: 3.7M on 8 H100s
+    assert d["recommended"]["fits"] and d["seq_len"] == d["max_seq_len"]
+    longer = seqpar.plan.max_seq_len("llama3-8b", 8, implementation="seqpar", param_bytes=2, grad_bytes=2,
+                                     optimizer_bytes=4)
+    assert longer.seq_len == d["max_seq_len"]
+    with pytest.raises(seqpar.ConfigError, match="nothing fits"):
+        seqpar.plan("llama3-8b", longer.seq_len + 2 * longer.step, 8, implementation="seqpar", param_bytes=2,
+                    grad_bytes=2, optimizer_bytes=4)

@@ -156,3 +156,38 @@ def test_a_gradient_missing_on_some_ranks_is_taken_as_zero(pool):
         assert torch.equal(grads["b"], torch.full((1, 3), 1.0, dtype=torch.float64))  # (0 + 2) / 2
         assert grads["c"] is None
         assert calls == {"all_reduce": 2}  # the agreement, then the gradients
+
+
+def w_group_none_means_the_default_mesh_group():
+    """One meaning of group=None at every public call: the default mesh's group of that kind."""
+    import warnings
+
+    from seqpar.core.mesh import SINGLE
+    from seqpar.tp import mappings
+
+    m = mesh(tp=2)  # 4 ranks: sp=2 x tp=2
+    x = torch.ones(1, 4, 6)
+    with seqpar.stats.track() as st:
+        out = {"comm": tuple(comm.all_gather(x, 1).shape), "comm_single": tuple(comm.all_gather(x, 1, SINGLE).shape),
+               "tp": tuple(mappings.gather_from_tensor_parallel_region(x, None).shape),
+               "ring": comm.RingExchange(None).size, "ring_single": comm.RingExchange(SINGLE).size}
+        q = torch.randn(1, 4, 2, 8)
+        local = seqpar.attention(q, q, q, causal=True, group=SINGLE)
+    out["local_equal"] = torch.allclose(local, seqpar.attention(q, q, q, causal=True, mesh=seqpar.Mesh()))
+    out["calls"] = dict(st.calls)
+    out["trivial_mesh_group"] = seqpar.Mesh().sp_group is SINGLE and seqpar.Mesh().tp_group is SINGLE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comm.RingExchange(m.sp_group, resolved=True)
+    out["deprecated"] = any(issubclass(w.category, DeprecationWarning) and "resolved" in str(w.message)
+                            for w in caught)
+    return out
+
+
+def test_group_none_has_one_meaning(pool):
+    for res in pool(4).run(w_group_none_means_the_default_mesh_group):
+        assert res["comm"] == (1, 8, 6) and res["comm_single"] == (1, 4, 6)  # sp group; SINGLE stays local
+        assert res["tp"] == (1, 4, 12)  # tp's None is the default mesh's tp group
+        assert res["ring"] == 2 and res["ring_single"] == 1
+        assert res["local_equal"] and res["trivial_mesh_group"] and res["deprecated"]
+        assert res["calls"] == {"all_gather": 2}  # the two gathers above; the SINGLE attention sent nothing

@@ -70,7 +70,8 @@ def test_not_used_where_it_does_not_apply(interpreted, monkeypatch):
 def test_ring_attention_with_the_fused_merge(interpreted):
     """The whole ring block loop (world 1 emulation of 4 ranks' blocks) with the fused merge equals SDPA."""
     from tests.helpers import qkv, sdpa_reference
-    from seqpar.attention.ring import _empty_acc, _forward_block
+    from seqpar.attention.blocks import empty_accumulators, forward_block
+    from seqpar.attention.plans import Block
     from seqpar.core.layout import get_layout
 
     q, k, v, do = qkv((1, 32, 4, 2, 16), 0, dtype=torch.float32)
@@ -78,8 +79,9 @@ def test_ring_attention_with_the_fused_merge(interpreted):
     want = sdpa_reference(q, k, v, do, True)[0]
     for r in range(n):
         idx = lay.indices(32, n, r)
-        acc, acc_lse = _empty_acc(q[:, idx])
+        acc, acc_lse = empty_accumulators(q[:, idx])
         for src in range(n):
-            kv = torch.stack([k[:, lay.indices(32, n, src)], v[:, lay.indices(32, n, src)]])
-            _forward_block(q[:, idx], kv, lay.ring_tasks(n, r, src, 8, True), acc, acc_lse, 16 ** -0.5, "cpu_flash")
+            block = Block(lay.ring_tasks(n, r, src, 8, True))
+            forward_block(q[:, idx], k[:, lay.indices(32, n, src)], v[:, lay.indices(32, n, src)], block, acc,
+                          acc_lse, scale=16 ** -0.5, backend="cpu_flash")
         torch.testing.assert_close(acc.double(), want[:, idx], atol=1e-5, rtol=1e-5)

@@ -58,3 +58,36 @@ def w_bad_shard():
 
 def test_shard_rejects_lengths_the_layout_cannot_split(pool):
     assert all("not divisible by 8 as layout 'zigzag' needs over 4 ranks" in m for m in pool(4).run(w_bad_shard))
+
+
+def test_shard_dim_out_of_range_is_refused_not_wrapped():
+    x = torch.randn(2, 8, 3, 4)
+    for dim in (6, 4, -5):
+        with pytest.raises(seqpar.ShapeError, match=f"dim={dim} is out of range for a 4-d tensor"):
+            seqpar.shard(x, dim, mesh=seqpar.Mesh())
+        with pytest.raises(seqpar.ShapeError, match="out of range"):
+            seqpar.unshard(x, dim, mesh=seqpar.Mesh())
+    assert seqpar.shard(x, -3, mesh=seqpar.Mesh()) is x
+
+
+def w_unshard_mismatch():
+    mesh()
+    local = seqpar.shard(torch.randn(1, 16, 2), 1, layout="contiguous")
+    try:
+        seqpar.unshard(local, 1, layout="zigzag")
+    except seqpar.ShapeError as e:
+        return str(e)
+
+
+def test_unshard_refuses_a_shard_split_another_way(pool):
+    for msg in pool(2).run(w_unshard_mismatch):
+        assert msg and "sharded with layout 'contiguous' over 2 ranks" in msg and "pass the same layout" in msg
+
+
+def test_float_cu_seqlens_are_refused_not_truncated():
+    for cu in (torch.tensor([0.0, 3.7, 8.0]), [0, 3.7, 8], torch.tensor([0, 1, 0], dtype=torch.bool)):
+        with pytest.raises(seqpar.ShapeError, match="cu_seqlens must hold integers"):
+            seqpar.shard(torch.randn(1, 8), 1, mesh=seqpar.Mesh(), cu_seqlens=cu)
+    info = seqpar.shard(torch.randn(1, 8), 1, mesh=seqpar.Mesh(), cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32),
+                        return_info=True)[1]
+    assert info.cu_seqlens == (0, 3, 8)

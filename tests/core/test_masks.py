@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqpar.core.masks import TokenMeta, _visible, block_tasks
+from seqpar.core.masks import TokenMeta, block_tasks, visible
 
 
 def _coverage(tasks, lq, lk):
@@ -46,7 +46,7 @@ def test_tasks_cover_the_mask_exactly_once(lengths, pad, causal, left, right, us
     qm, km = _meta(lengths, padding, qseed), _meta(lengths, padding, kseed)
     window = (left, right) if use_window else None
     cov = _coverage(block_tasks(qm, km, causal, window), qm.pos.numel(), km.pos.numel())
-    assert torch.equal(cov, _visible(qm, km, causal, window).long())
+    assert torch.equal(cov, visible(qm, km, causal, window).long())
 
 
 def test_documents_of_long_runs_are_fused_calls():

@@ -15,7 +15,7 @@ def test_single_process_needs_no_process_group(monkeypatch):
     try:
         assert not dist.is_initialized()
         assert (mesh.dp, mesh.sp, mesh.tp, mesh.world_size) == (1, 1, 1, 1)
-        assert mesh.sp_group is None and mesh.rank("sp") == 0 and seqpar.get_mesh() is mesh
+        assert mesh.sp_group is seqpar.mesh.SINGLE and mesh.rank("sp") == 0 and seqpar.get_mesh() is mesh
     finally:
         seqpar.set_mesh(None)
 

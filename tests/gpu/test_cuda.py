@@ -238,6 +238,80 @@ def test_ring_with_each_backend(pool, backend):
     _check_attention(results, True, dtype, f"ring over {backend}")
 
 
+# --------------------------------------------------------------------------- packed documents and windows
+
+MASK_CU = [0, 13, 40, 64]
+MASKS = [(True, MASK_CU, None), (True, None, (9, 0)), (False, None, (5, 3)), (True, MASK_CU, (7, 0))]
+MASK_IDS = ["packed", "window", "band", "packed-window"]
+
+
+def masked_worker(device: str, strategy: str, causal: bool, cu, window, dtype: str, degrees: dict):
+    """Full inputs -> seqpar.shard -> attention -> seqpar.unshard on ``device``; full output and input gradients
+    on CPU, and the kernels the forward ran (seqpar.stats)."""
+    _use(device)
+    m = mesh(**degrees)
+    q, k, v, do = (t.to(device, DTYPES[dtype]) for t in qkv(ATTN_SHAPE, 0))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with seqpar.stats.track() as st:
+        ql, kl, vl = (seqpar.shard(t, 1, mesh=m, cu_seqlens=cu) for t in (q, k, v))
+        out = seqpar.attention(ql, kl, vl, causal=causal, strategy=strategy, mesh=m, cu_seqlens=cu, window=window)
+        kernels_fwd = dict(st.kernels)
+    full = seqpar.unshard(out, 1, mesh=m, cu_seqlens=cu)
+    full.backward(do / m.sp)  # unshard's backward sums the ranks' (identical) gradients
+    return {"kernels": kernels_fwd, "devices": sorted({t.device.type for t in (full, q.grad)}),
+            **{key: t.detach().cpu() for key, t in zip(KEYS, (full, q.grad, k.grad, v.grad))}}
+
+
+MASKED_RUNS = [(2, s, {}) for s in ("ring", "ulysses", "allgather", "ring_qk_av")]
+MASKED_RUNS.append((4, "usp", {"sp": 4, "ulysses": 2}))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("causal,cu,window", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("world,strategy,degrees", MASKED_RUNS, ids=[f"w{w}-{s}" for w, s, _ in MASKED_RUNS])
+def test_packed_and_windowed_match_float64(pool, world, strategy, degrees, causal, cu, window, dtype):
+    """Every strategy on packed documents and sliding windows; on CUDA in half precision every masked block
+    runs the fused varlen kernel (never the dense math one), as close to float64 as one bf16 call."""
+    from tests.helpers import masked_reference
+
+    what = f"{strategy} world {world} causal={causal} cu_seqlens={cu} window={window} {dtype}"
+    results = _run(pool, world, masked_worker, DEVICE, strategy, causal, cu, window, dtype, degrees)
+    assert all(r["devices"] == [torch.device(DEVICE).type] for r in results), what
+    if strategy != "ring_qk_av":  # ColossalAI's scheme computes its scores itself
+        want = ({"flash_varlen"} if ON_CUDA and dtype == "bfloat16" else
+                {"math", "efficient"} if ON_CUDA else {"cpu_flash"})
+        assert all(set(r["kernels"]) <= want and r["kernels"] for r in results), (what, [r["kernels"] for r in results])
+    q, k, v, do = qkv(ATTN_SHAPE, 0)
+    exact = masked_reference(q, k, v, do, causal=causal, cu_seqlens=cu, window=window)
+    errs = {key: max_err(results[0][key], e) for key, e in zip(KEYS, exact)}
+    if dtype == "float32":
+        assert max(errs.values()) < FLOAT32_TOL, (what, errs)
+        return
+    single = masked_reference(*(t.to(DTYPES[dtype]).double() for t in (q, k, v, do)), causal=causal, cu_seqlens=cu,
+                              window=window)
+    for key, s_, e in zip(KEYS, single, exact):
+        budget = _half_budget(max_err(s_.to(DTYPES[dtype]), e), e, DTYPES[dtype])
+        assert errs[key] <= budget, f"{what}: {key} error {errs[key]:.3g} > budget {budget:.3g} {errs}"
+
+
+def compiled_worker(device: str, strategy: str, degrees: dict, backend: str):
+    """compiled_vs_eager (tests.attention.cases) on ``device``: the largest difference, and any graph break."""
+    from tests.attention.cases import compiled_vs_eager
+
+    _use(device)
+    return compiled_vs_eager(strategy, [(True, None, None), (True, MASK_CU, (7, 0))], degrees, backend,
+                             device=device)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="on CPU tests/attention/test_hot_path.py covers the compiled path")
+@pytest.mark.parametrize("world,strategy,degrees", [(2, "ring", {}), (2, "ulysses", {}),
+                                                    (4, "usp", {"sp": 4, "ulysses": 2})], ids=["ring", "ulysses", "usp"])
+def test_compiled_equals_eager(pool, world, strategy, degrees):
+    """torch.compile(fullgraph=True) of seqpar.attention on the device equals eager (plain causal, packed + window)."""
+    for per_rank in _run(pool, world, compiled_worker, DEVICE, strategy, degrees, "aot_eager"):
+        assert all(r == {"diff": 0.0, "breaks": 0} for r in per_rank), per_rank
+
+
 # --------------------------------------------------------------------------- inference
 
 PROMPT_SEED, NEW_TOKENS = 0, 6

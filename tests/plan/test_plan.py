@@ -445,13 +445,17 @@ def test_plan_reports_ulysses_infeasible_with_heads():
 
 
 def test_plan_refuses_when_nothing_fits():
+    fixed = dict(recompute="selective", zero_stage=1)  # with the memory settings fixed, 70B on one GPU cannot fit
     with pytest.raises(ConfigError) as e:
-        plan("llama3-70b", 8192, 1)
+        plan("llama3-70b", 8192, 1, **fixed)
     msg = str(e.value)
     assert "nothing fits" in msg and "80 GB" in msg
-    # names the smallest memory needed
-    need = evaluate("llama3-70b", 8192).memory.total_gb
-    assert f"{need:.1f} GB" in msg
+    # names the smallest memory needed, and the fixed settings that keep the planner from saving more
+    need = evaluate("llama3-70b", 8192, **fixed).memory.total_gb
+    assert f"{need:.1f} GB" in msg and "recompute=None (searched, not 'selective')" in msg
+    # searched, they fit: the weights' state goes to host memory
+    best = plan("llama3-70b", 8192, 1).recommended
+    assert best.fits and best.settings.zero_stage >= 2 and best.settings.offload_optimizer
 
 
 def test_plan_with_fixed_degrees_and_strategies():

@@ -45,3 +45,31 @@ def test_paper_mode_stays_the_default():
                                                                                     implementation="paper")
     assert activation_memory_per_layer(cfg, 512, 1) != activation_memory_per_layer(cfg, 512, 1,
                                                                                     implementation="seqpar")
+
+
+@pytest.mark.parametrize("case", ["1 GPU", "ring sp=2 tp=2", "ulysses sp=2"])
+def test_saved_bytes_of_every_memory_setting_to_the_byte(pool, case):
+    """Recompute (selective, full, chains), tiled MLP and the chunked loss: the planner's stored bytes are
+    what the model saves (float32 on CPU), to the byte."""
+    rows = pv.setting_rows([512], list(pv.MEMORY_SETTINGS), [case],
+                           lambda world, fn, *args: pool(world).run(fn, *args))
+    for r in rows:
+        assert r["measured"] == r["predicted"], r
+
+
+def test_peak_of_a_training_step_within_5_percent_and_its_slope_within_2(pool):
+    """The planner's device peak against the CPU allocator's own count over one training step (4 ranks,
+    ring sp=4, float32; benchmarks/memory_peak.py), at two lengths: the peak within 5%, the bytes per extra
+    token within 2%, each setting on and off."""
+    from benchmarks import memory_peak as mp
+
+    settings = ["plain", "full+offload", "loss chunks 1024", "full, tiles, chunks"]
+    rows = mp.rows([2048, 4096], settings, lambda world, fn, *args: pool(world).run(fn, *args, timeout=300))
+    by = {(r["setting"], r["seq_len"]): r for r in rows}
+    for name in settings:
+        a, b = by[(name, 2048)], by[(name, 4096)]
+        for r in (a, b):
+            assert r["measured"] == pytest.approx(r["predicted"], rel=0.05), r
+        slope_m = (b["measured"] - a["measured"]) / 2048
+        slope_p = (b["predicted"] - a["predicted"]) / 2048
+        assert slope_m == pytest.approx(slope_p, rel=0.02), (name, slope_m, slope_p)

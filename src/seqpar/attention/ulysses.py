@@ -20,13 +20,22 @@ Heads and the degree U:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from ..core import comm
-from ..core.mesh import group_size
+from ..core.kernels import pair_backward, pair_forward
+from ..core.masks import TokenMeta
+from ..core.merge import accumulation_dtype
+from ..core.mesh import SINGLE, group_size
+from .blocks import backward_block, empty_accumulators, forward_block
+from .cores import Core, CoreKind, run_core
+from .plans import LocalPlan, cached_plan
+from .registry import Strategy, register
+from .spec import AttentionSpec
 
-__all__ = ["HeadExchange"]
+__all__ = ["HeadExchange", "LOCAL", "local_core"]
 
 
 @dataclass
@@ -89,3 +98,83 @@ class HeadExchange:
             return lse
         lse = comm.all_to_all(lse.contiguous(), scatter_dim=2, gather_dim=1, group=self.group)
         return lse[:, :self.heads]
+
+
+# --------------------------------------------------------------------------- attention of whole sequences
+
+
+def _local_forward(core: Core, q, k, v):
+    plan = cast(LocalPlan, core.plan)
+    if plan.sort is not None:  # tokens in order: one causal call, or one run per document
+        sort, unsort = plan.sort_indices(q.device)
+        q, k, v = (t.index_select(1, sort) for t in (q, k, v))
+    if plan.inner is None:
+        out, lse = pair_forward(q, k, v, causal=plan.causal, causal_offset=0, scale=core.scale, backend=core.backend)
+    else:
+        out, lse = empty_accumulators(q)
+        forward_block(q, k, v, plan.block(0, 0, q.device, core.fused), out, lse, scale=core.scale,
+                      backend=core.backend)
+    out = out.to(q.dtype)
+    if plan.sort is not None:
+        out, lse = out.index_select(1, unsort), lse.index_select(2, unsort)
+    return out, lse, None
+
+
+def _local_backward(core: Core, dout, q, k, v, out, lse, _extra=None):
+    plan = cast(LocalPlan, core.plan)
+    if plan.sort is not None:
+        sort, unsort = plan.sort_indices(q.device)
+        dout, q, k, v, out = (t.index_select(1, sort) for t in (dout, q, k, v, out))
+        lse = lse.index_select(2, sort)
+    if plan.inner is None:
+        dq, dk, dv = pair_backward(dout, q, k, v, out, lse, causal=plan.causal, causal_offset=0, scale=core.scale,
+                                   backend=core.backend)
+    else:
+        acc = accumulation_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        backward_block(dout, q, k, v, out, lse, plan.block(0, 0, q.device, core.fused), dq, dk, dv,
+                       scale=core.scale, backend=core.backend)
+    dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if plan.sort is not None:
+        dq, dk, dv = (t.index_select(1, unsort) for t in (dq, dk, dv))
+    return dq, dk, dv
+
+
+#: attention of whole (gathered) sequences on one rank: no communication
+LOCAL = CoreKind("local", _local_forward, _local_backward)
+
+
+def local_core(spec: AttentionSpec, n: int, local: int, metas: list[TokenMeta] | None) -> Core:
+    """The core of the attention of whole sequences gathered from ``n`` ranks of ``local`` tokens each
+    (rank-major): masks from ``metas`` (every rank's token metadata) when given, else the layout's order."""
+    if metas is not None:
+        plan = cached_plan(("gathered", spec.layout, n, local, spec.causal, spec.window, spec.packing_key()),
+                           lambda: LocalPlan.for_metas(metas, spec.causal, spec.window))
+    else:
+        plan = cached_plan(("local", spec.layout, n, local, spec.causal),
+                           lambda: LocalPlan.for_layout(spec.layout, n, local, spec.causal))
+    return Core(LOCAL, plan, SINGLE, 0, spec.scale, spec.backend, "auto", spec.masked and spec.fused)
+
+
+def token_metas(spec: AttentionSpec) -> list[TokenMeta] | None:
+    """Every rank's token metadata when the mask needs it (packing, padding, a window), else None."""
+    if spec.info is not None:
+        return [spec.info.meta(r) for r in range(spec.n)]
+    if spec.window is not None:
+        return [TokenMeta.single(spec.layout.indices(spec.local * spec.n, spec.n, r)) for r in range(spec.n)]
+    return None
+
+
+@register
+class UlyssesStrategy(Strategy):
+    """``ulysses``: one all-to-all to a head split, attention of whole sequences, one all-to-all back."""
+
+    name = "ulysses"
+
+    def prepare(self, spec: AttentionSpec) -> Core:
+        return local_core(spec, spec.n, spec.local, token_metas(spec))
+
+    def run(self, spec, core, q, k, v):
+        ex = HeadExchange(spec.group, spec.heads, spec.kv_heads)
+        out, lse = run_core(core, *ex.scatter_heads(q, k, v))
+        return ex.gather_heads(out), (ex.gather_lse(lse) if spec.return_lse else None)

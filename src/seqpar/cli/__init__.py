@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 # each module defines add_parser(subparsers) and sets func on its parser
 SUBCOMMANDS = ("demo", "train", "plan", "check", "generate")
@@ -48,12 +48,17 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqpar`` parser with every subcommand (the documentation's CLI reference reads it too)."""
     parser = argparse.ArgumentParser(prog="seqpar", description="Sequence parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -1,24 +1,27 @@
-"""``seqpar plan``: which sequence-parallel layout to use, from the analytic model (no GPU needed).
+"""``seqpar plan``: which sequence-parallel layout and memory settings to use, from the analytic model.
 
 Takes a registered model (``llama3-8b``, ``llama3-70b``, ``gpt3-175b``...), a Hugging
 Face ``config.json`` (``--config``) or explicit sizes (``--hidden --heads --layers
 --ffn --vocab``; on top of a model they override it), the sequence length and the
 cluster, and prints the recommendation with its one-line reason, then every layout
-considered (fitting ones first, fastest first). ``--json`` prints :meth:`Plan.to_dict`
-instead; ``--plot FILE.png`` draws memory and step time against sequence length,
-one line per scheme (needs matplotlib).
+considered (fitting ones first, fastest first), each with the memory settings it needs
+(recomputation, host offload, tiled MLP, chunked loss, ZeRO stage, optimizer offload: each
+searched unless fixed by its flag). ``--max-seq-len`` answers the longest sequence that
+fits instead; ``--emit-config run.toml`` writes the ``seqpar train`` config of the
+recommendation; ``--json`` prints :meth:`Plan.to_dict`; ``--plot FILE.png`` draws memory
+and step time against sequence length, one line per scheme (needs matplotlib).
 
-Every argument is checked before planning; a bad one exits with status 2 and a
-message that names the fix (``--tp 4 does not divide --gpus 6: ...``).
+Every argument is checked before planning; bad input exits with status 2 and one line
+that names the fix in the flags typed (``--tp 4 does not divide --gpus 6: ...``); with
+``--json`` that line also goes to stdout as ``{"error": ...}``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
-import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..core.configs import MODELS, ModelConfig, get_config
@@ -100,14 +103,20 @@ def _choices(xs: list[int]) -> str:
 
 
 def validate(cfg: ModelConfig, ns: argparse.Namespace) -> None:
-    """Check degrees against the GPUs, heads and sequence length; raise ConfigError with the fix."""
+    """Check degrees against the GPUs and heads; raise ConfigError with the fix (a sequence that a
+    degree does not divide is padded, as seqpar.shard pads it)."""
     g, a, kv = ns.gpus, cfg.num_attention_heads, cfg.kv_heads
-    for name in ("gpus", "micro_batch", "tp", "sp", "dp", "ulysses", "node_size"):
-        v = getattr(ns, name)
+    for name in ("gpus", "micro_batch", "tp", "sp", "dp", "ulysses", "node_size", "mlp_tiles", "checkpoint_every",
+                 "steps"):
+        v = getattr(ns, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"{_flag(name)} must be a positive integer, got {v}")
-    if ns.gpu_memory <= 0:
-        raise ConfigError(f"--gpu-memory must be > 0 GB, got {ns.gpu_memory:g}")
+    for name in ("gpu_memory", "host_memory", "pcie_gbps", "nvlink_gbps", "ib_gbps", "peak_tflops"):
+        v = getattr(ns, name)
+        if not v > 0 and not (name == "host_memory" and v == 0):
+            raise ConfigError(f"{_flag(name)} must be > 0, got {v:g}")
+    if ns.loss_chunk is not None and ns.loss_chunk < 0:
+        raise ConfigError(f"--loss-chunk must be >= 0 (0: the loss from the logits), got {ns.loss_chunk}")
     tp = ns.tp
     if tp is not None:
         if g % tp:
@@ -137,140 +146,82 @@ def validate(cfg: ModelConfig, ns: argparse.Namespace) -> None:
         group = ns.sp if ns.sp is not None else rest  # the largest sequence-parallel group possible
         if group % u:
             raise ConfigError(f"--ulysses {u} must divide the sequence-parallel group ({group} GPUs)")
-    if ns.sp is not None:
-        s, sp = ns.seq_len, ns.sp
-        unit = sp * (tp if tp and tp > 1 and ns.sequence_parallel else 1)
-        if s % unit:
-            lo, hi = s // unit * unit, -(-s // unit) * unit
-            why = f"--sp {sp}" + (f" x --tp {tp} (Megatron sequence parallelism)" if unit != sp else "")
-            raise ConfigError(f"--seq-len {s} cannot be split over {why}: use a multiple of {unit} "
-                              f"(e.g. {lo or hi} or {hi}), or pad the sequence")
 
 
-def _plan_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
-    return dict(micro_batch=ns.micro_batch, gpu_memory_gb=ns.gpu_memory, tp=ns.tp, sp=ns.sp, dp=ns.dp,
-                sequence_parallel=ns.sequence_parallel, ulysses=ns.ulysses, strategies=ns.strategies,
-                dtype_bytes=_DTYPE_BYTES[ns.dtype], recompute=ns.recompute, attention_kernel=ns.attention_kernel,
-                zero_stage=ns.zero_stage, node_size=ns.node_size, nvlink_gbps=ns.nvlink_gbps, ib_gbps=ns.ib_gbps,
-                peak_tflops=ns.peak_tflops, utilization=ns.utilization, implementation=ns.accounting)
+def _accounting(ns: argparse.Namespace) -> str:
+    if ns.accounting is None:
+        return "seqpar" if ns.emit_config else "paper"
+    if ns.emit_config and ns.accounting != "seqpar":
+        raise ConfigError("--emit-config writes what seqpar train runs, which --accounting seqpar models (the default "
+                          "with --emit-config): drop --accounting paper")
+    return ns.accounting
 
 
-_HEAD = ["", "layout", "tp", "sp", "u", "r", "dp", "act GB", "total GB", "fits", "comm MB/layer", "step s",
-         "tok/s", "MFU", "note"]
+def _options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The planner's options (Settings and Hardware fields) from the flags."""
+    p = _DTYPE_BYTES[ns.dtype]
+    impl = _accounting(ns)
+    opts: dict[str, Any] = dict(
+        micro_batch=ns.micro_batch, gpu_memory_gb=ns.gpu_memory, host_memory_gb=ns.host_memory,
+        sequence_parallel=ns.sequence_parallel, dtype_bytes=p, attention_kernel=ns.attention_kernel,
+        implementation=impl, recompute=ns.recompute, zero_stage=ns.zero_stage, offload=ns.offload,
+        offload_optimizer=ns.offload_optimizer, checkpoint_every=ns.checkpoint_every, mlp_tiles=ns.mlp_tiles,
+        loss_chunk=ns.loss_chunk, node_size=ns.node_size, nvlink_gbps=ns.nvlink_gbps, ib_gbps=ns.ib_gbps,
+        pcie_gbps=ns.pcie_gbps, peak_tflops=ns.peak_tflops, utilization=ns.utilization)
+    if impl == "seqpar":  # seqpar train keeps weights, gradients and AdamW's moments in the model dtype
+        opts.update(param_bytes=p, grad_bytes=p, optimizer_bytes=2 * p)
+    return opts
 
 
-def _rows(p, limit: int | None, show_all: bool) -> list[list[str]]:
-    cands = [c for c in p.candidates if show_all or c.feasible]
-    out = []
-    for c in cands[:limit]:
-        m, t = c.memory, c.time
-        out.append(["*" if c is p.recommended else "", c.label, str(c.tp), str(c.sp), str(c.ulysses), str(c.ring),
-                    str(c.dp), f"{m.activations / 1e9:.2f}" if m else "-", f"{m.total_gb:.2f}" if m else "-",
-                    "yes" if c.fits else ("no" if c.feasible else "n/a"),
-                    f"{c.comm_bytes / 1e6:.1f}" if c.comm else "-", f"{t.step:.4g}" if t else "-",
-                    f"{t.tokens_per_s:.4g}" if t else "-", f"{t.mfu:.2f}" if t else "-", c.reason])
-    return out
+def _degrees(ns: argparse.Namespace) -> dict[str, Any]:
+    return dict(tp=ns.tp, sp=ns.sp, dp=ns.dp, ulysses=ns.ulysses, strategies=ns.strategies)
 
 
-def _plain(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows + [_HEAD]) for i in range(len(_HEAD) - 1)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [_HEAD] + rows]
-    lines.insert(1, "-" * min(160, len(lines[0])))
-    return "\n".join(lines)
+#: how a NothingFits suggestion reads in flags: what was typed, to drop (so the planner searches it)
+def _typed(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return _flag(name) if value else "--no-" + name.replace("_", "-")
+    return f"{_flag(name)} {value}"
 
 
-def _print_table(rows: list[list[str]], plain: bool) -> None:
-    try:
-        if plain:
-            raise ImportError
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:
-        print(_plain(rows))
-        return
-    table = Table(show_lines=False, header_style="bold")
-    for i, name in enumerate(_HEAD):
-        table.add_column(name, justify="right" if 2 <= i <= 13 and i != 9 else "left",
-                         overflow="fold", no_wrap=i != len(_HEAD) - 1)
-    for r in rows:
-        table.add_row(*map(Text, r), style="bold green" if r[0] == "*" else ("dim" if r[9] != "yes" else None))
-    width = shutil.get_terminal_size((200, 40)).columns if sys.stdout.isatty() else 200
-    Console(file=sys.stdout, width=max(width, 120)).print(table)
+def _nothing_fits_line(e: Any) -> str:
+    words = []
+    for name, value in e.suggestions:
+        if name == "more GPUs":
+            words.append("more --gpus")
+        elif name == "a shorter sequence":
+            words.append("a shorter --seq-len")
+        else:
+            words.append(f"dropping {_typed(name, value)} (the planner then searches it)")
+    return e.head + ("; try " + ", ".join(words) if words else "")
 
 
-def _sweep(cfg: ModelConfig, ns: argparse.Namespace) -> tuple[list[int], dict[str, list[tuple]]]:
-    """Per scheme and sequence length: ``(S, GB, s)``: the smallest memory per GPU of any of its layouts,
-    and the seconds per sequence (``S / tokens per s``) of its fastest fitting layout (NaN when none fits).
-
-    Seconds per sequence, not per step: layouts with more data parallelism take longer steps over more
-    sequences, so only throughput compares them."""
-    from ..plan import plan as run_plan
-
-    unit = 2 * ns.gpus
-    scaled = (ns.seq_len << k if k >= 0 else ns.seq_len >> -k for k in range(-5, 3))  # S/32 .. 4S
-    lengths = sorted({max(unit, x // unit * unit) for x in scaled})
-    kw = _plan_kwargs(ns)
-    real_mem = kw.pop("gpu_memory_gb")
-    lines: dict[str, list[tuple]] = {}
-    for s in lengths:
-        try:  # a huge memory budget: plan() then never refuses, and "fits" is judged against the real one
-            p = run_plan(cfg, s, ns.gpus, gpu_memory_gb=1e12, **kw)
-        except SeqParError:
-            continue
-        mem: dict[str, float] = {}
-        speed: dict[str, float] = {}
-        for c in p.candidates:
-            if not c.feasible:
-                continue
-            gb = c.memory.total_gb
-            mem[c.strategy] = min(mem.get(c.strategy, math.inf), gb)
-            if gb <= real_mem:
-                speed[c.strategy] = max(speed.get(c.strategy, 0.0), c.time.tokens_per_s)
-        for name, gb in mem.items():
-            lines.setdefault(name, []).append((s, gb, s / speed[name] if name in speed else math.nan))
-    return lengths, lines
-
-
-def _plot(cfg: ModelConfig, ns: argparse.Namespace, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    _, lines = _sweep(cfg, ns)
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, pts in sorted(lines.items()):
-        xs = [x[0] for x in pts]
-        ax_m.plot(xs, [x[1] for x in pts], marker="o", label=name)
-        ax_t.plot(xs, [x[2] for x in pts], marker="o", label=name)
-    ax_m.axhline(ns.gpu_memory, color="k", ls="--", lw=1, label=f"{ns.gpu_memory:g} GB per GPU")
-    for ax, ylabel in ((ax_m, "memory per GPU, GB (its smallest layout)"),
-                       (ax_t, "seconds per sequence (its fastest fitting layout)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
-    fig.suptitle(f"{cfg.name} on {ns.gpus} GPUs, micro-batch {ns.micro_batch}, recompute={ns.recompute}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _fail(ns: argparse.Namespace, message: str, extra: dict[str, Any] | None = None) -> int:
+    print(f"seqpar plan: error: {message}", file=sys.stderr)
+    if getattr(ns, "json", False):  # a script parsing stdout gets the error too
+        print(json.dumps({"error": message, **(extra or {})}, indent=2))
+    return 2
 
 
 def _run_inference(cfg: ModelConfig, ns: argparse.Namespace) -> int:
     """``seqpar plan --inference``: the tp x sp split for one long prompt and its decode."""
     from ..plan.inference import plan_inference
 
-    try:
-        p = plan_inference(cfg, ns.seq_len, ns.gpus, new_tokens=ns.new_tokens, batch=ns.micro_batch,
-                           gpu_memory_gb=ns.gpu_memory, dtype_bytes=_DTYPE_BYTES[ns.dtype], node_size=ns.node_size,
-                           nvlink_gbps=ns.nvlink_gbps, ib_gbps=ns.ib_gbps, peak_tflops=ns.peak_tflops,
-                           utilization=ns.utilization, hbm_gbps=ns.hbm_gbps)
-    except SeqParError as e:
-        print(f"seqpar plan: error: {e}", file=sys.stderr)
-        return 2
+    training_only = {"strategies": "--strategies", "sp": "--sp", "dp": "--dp", "ulysses": "--ulysses",
+                     "recompute": "--recompute", "zero_stage": "--zero-stage", "offload": "--offload",
+                     "offload_optimizer": "--offload-optimizer", "mlp_tiles": "--mlp-tiles",
+                     "loss_chunk": "--loss-chunk", "checkpoint_every": "--checkpoint-every",
+                     "emit_config": "--emit-config", "max_seq_len": "--max-seq-len"}
+    given = [flag for name, flag in training_only.items() if getattr(ns, name) not in (None, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} plan(s) training, not --inference (which splits the KV cache and the "
+                          f"prefill over --tp x sp, sp taking the rest): drop {', '.join(given)}")
+    if ns.seq_len is None:
+        raise ConfigError("--inference needs --seq-len (the prompt's tokens)")
+    p = plan_inference(cfg, ns.seq_len, ns.gpus, new_tokens=ns.new_tokens, batch=ns.micro_batch, tp=ns.tp,
+                       gpu_memory_gb=ns.gpu_memory, dtype_bytes=_DTYPE_BYTES[ns.dtype], node_size=ns.node_size,
+                       nvlink_gbps=ns.nvlink_gbps, ib_gbps=ns.ib_gbps, peak_tflops=ns.peak_tflops,
+                       utilization=ns.utilization, hbm_gbps=ns.hbm_gbps)
     if ns.json:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
@@ -281,53 +232,108 @@ def _run_inference(cfg: ModelConfig, ns: argparse.Namespace) -> int:
     return 0
 
 
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``seqpar plan`` (returns the exit status)."""
-    from ..plan import plan as run_plan
+def _emit(cfg: ModelConfig, ns: argparse.Namespace, p: Any) -> None:
+    from ..plan.emit import to_toml, train_config
 
-    if ns.inference:
-        try:
-            cfg = build_config(ns)
-        except SeqParError as e:
-            print(f"seqpar plan: error: {e}", file=sys.stderr)
-            return 2
-        return _run_inference(cfg, ns)
+    conf = train_config(cfg, p.recommended, p.settings, seq_len=p.seq_len, device=ns.device, steps=ns.steps)
+    best = p.recommended
+    text = to_toml(conf, f"seqpar train config for {best.label} [{best.settings.label}], planned by:\n"
+                         f"  seqpar plan {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['plan'] else '...'}\n"
+                         f"run: torchrun --nproc-per-node {min(ns.gpus, ns.node_size)}"
+                         + (f" --nnodes {ns.gpus // ns.node_size}" if ns.gpus > ns.node_size else "")
+                         + f" -m seqpar.cli train {ns.emit_config}")
+    Path(ns.emit_config).write_text(text)
+    print(f"train config written to {ns.emit_config} ({ns.gpus} processes: torchrun ... -m seqpar.cli train "
+          f"{ns.emit_config})", file=sys.stderr if ns.json else sys.stdout)
 
-    try:
-        if ns.plot:
-            try:
-                import matplotlib  # noqa: F401  (checked before any work is done)
-            except ImportError:
-                raise ConfigError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-        cfg = build_config(ns)
-        validate(cfg, ns)
-        p = run_plan(cfg, ns.seq_len, ns.gpus, **_plan_kwargs(ns))
-    except SeqParError as e:
-        print(f"seqpar plan: error: {e}", file=sys.stderr)
-        return 2
+
+def _report(cfg: ModelConfig, ns: argparse.Namespace, p: Any, longest: Any) -> None:
+    from .plan_report import print_table
+
+    best = p.recommended
     if ns.json:
-        print(json.dumps(p.to_dict(), indent=2))
-    else:
-        best = p.recommended
-        print(f"Recommended: {best.label}  ({cfg.name}, {ns.seq_len} tokens, {ns.gpus} GPUs x {ns.gpu_memory:g} GB; "
-              f"{best.memory.total_gb:.1f} GB/GPU, {best.time.tokens_per_s:.4g} tok/s)")
-        print(f"Why: {p.reason}\n")
-        rows = _rows(p, None if ns.all else ns.limit, ns.all)
-        _print_table(rows, ns.plain)
-        hidden = len(p.candidates) - len(rows)
-        if hidden > 0:
-            print(f"({hidden} more layouts: --all shows every one, infeasible ones included)")
+        print(json.dumps(longest.to_dict() if longest is not None else p.to_dict(), indent=2))
+        return
+    if longest is not None:
+        print(f"Longest sequence: {longest.seq_len} tokens ({longest.seq_len / 1024:g}K) for {cfg.name} on "
+              f"{ns.gpus} GPUs x {ns.gpu_memory:g} GB ({ns.host_memory:g} GB host per node)")
+    m, t = best.memory, best.time
+    print(f"Recommended: {best.label}  ({cfg.name}, {p.seq_len} tokens, {ns.gpus} GPUs x {ns.gpu_memory:g} GB; "
+          f"{m.total_gb:.1f} GB/GPU at the {m.peak_phase}, {t.tokens_per_s:.4g} tok/s, MFU {t.mfu:.2f}; "
+          f"{best.settings.label})")
+    print(f"Why: {p.reason}\n")
+    shown = print_table(p.candidates, best, None if ns.all else ns.limit, ns.all, ns.plain)
+    hidden = len(p.candidates) - shown
+    if hidden > 0:
+        print(f"({hidden} more layouts: --all shows every one, infeasible ones included)")
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from ..plan import max_seq_len, plan
+    from ..plan.planner import NothingFits, candidates_anyway
+
     if ns.plot:
-        _plot(cfg, ns, ns.plot)
+        try:
+            import matplotlib  # noqa: F401  (checked before any work is done)
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    cfg = build_config(ns)
+    if ns.inference:
+        return _run_inference(cfg, ns)
+    if ns.seq_len is None and not ns.max_seq_len:
+        raise ConfigError("give --seq-len TOKENS (e.g. 128k), or --max-seq-len for the longest that fits")
+    validate(cfg, ns)
+    options = _options(ns)
+    try:
+        if ns.max_seq_len:
+            kw = {"limit": ns.seq_len} if ns.seq_len else {}
+            longest = max_seq_len(cfg, ns.gpus, **kw, **_degrees(ns), **options)
+            p = longest.plan
+        else:
+            longest, p = None, plan(cfg, ns.seq_len, ns.gpus, **_degrees(ns), **options)
+    except NothingFits as e:
+        line = _nothing_fits_line(e)
+        extra = None
+        if ns.all or ns.json:  # what was asked for, even though nothing fits
+            cands = candidates_anyway(cfg, ns.seq_len or 1024, ns.gpus, **_degrees(ns), **options)
+            if ns.json:
+                extra = {"candidates": [c.to_dict() for c in cands]}
+            else:
+                from .plan_report import print_table
+
+                print_table(cands, None, None, True, ns.plain)
+        return _fail(ns, line, extra)
+    _report(cfg, ns, p, longest)
+    if ns.emit_config:
+        _emit(cfg, ns, p)
+    if ns.plot:
+        from .plan_report import plot
+
+        plot(cfg, ns, {**_degrees(ns), **options}, ns.plot, plan)
         print(f"plot written to {ns.plot}", file=sys.stderr if ns.json else sys.stdout)
     return 0
 
 
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of ``seqpar plan`` (returns the exit status; bad input: one line, status 2, no traceback)."""
+    try:
+        return _run(ns)
+    except SeqParError as e:
+        return _fail(ns, str(e))
+    except OSError as e:  # an output file that cannot be written
+        return _fail(ns, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    except ValueError as e:  # e.g. a number the model cannot use
+        return _fail(ns, str(e))
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "plan", help="recommend a sequence-parallel layout for a model, sequence length and cluster",
+        "plan", help="recommend a sequence-parallel layout and memory settings for a model, length and cluster",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  seqpar plan llama3-8b --seq-len 128k --gpus 32\n"
+               "  seqpar plan llama3-70b --seq-len 128k --gpus 32\n"
+               "  seqpar plan llama3-8b --gpus 8 --max-seq-len --accounting seqpar\n"
+               "  seqpar plan llama3-8b --seq-len 1M --gpus 8 --emit-config run.toml\n"
                "  seqpar plan llama3-70b --seq-len 1M --gpus 256 --tp 8 --json\n"
                "  seqpar plan llama3-8b --seq-len 1M --gpus 8 --inference\n"
                "  seqpar plan --hidden 4096 --heads 32 --kv-heads 8 --layers 32 --ffn 14336 --vocab 128256 "
@@ -339,10 +345,14 @@ def add_parser(sub) -> None:
                         ("layers", "layers"), ("ffn", "FFN width"), ("vocab", "vocabulary"),
                         ("head-dim", "head dim (default hidden/heads)")):
         g.add_argument(f"--{name}", type=int, help=help_)
-    p.add_argument("--seq-len", type=parse_tokens, required=True, help="tokens per sequence (131072, 128k, 1M)")
+    p.add_argument("--seq-len", type=parse_tokens, help="tokens per sequence (131072, 128k, 1M); with --max-seq-len "
+                                                        "the most to consider")
+    p.add_argument("--max-seq-len", action="store_true", help="answer the longest sequence that fits, and how")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    p.add_argument("--host-memory", type=float, default=2000.0,
+                   help="host GB per node, for offloaded bytes (default 2000, a DGX H100)")
     p.add_argument("--tp", type=int, help="fix the tensor-parallel degree (default: search)")
     p.add_argument("--sp", type=int, help="fix the sequence-parallel degree (default: search)")
     p.add_argument("--dp", type=int, help="fix the data-parallel degree (default: search)")
@@ -350,15 +360,25 @@ def add_parser(sub) -> None:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="Megatron sequence parallelism inside the tp group (default on)")
     p.add_argument("--strategies", nargs="+", choices=PLAN_STRATEGIES, help="only these schemes (default all)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective")
+    m = p.add_argument_group("memory settings (each searched unless given)")
+    m.add_argument("--recompute", choices=("none", "selective", "full"))
+    m.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="checkpointed layer inputs in host memory (with --recompute full)")
+    m.add_argument("--checkpoint-every", type=int, help="checkpoint every k-th layer's input (with --recompute full)")
+    m.add_argument("--mlp-tiles", type=int, help="the MLP over this many sequence tiles (1: off)")
+    m.add_argument("--loss-chunk", type=int, help="tokens per loss chunk, no logits kept (0: the loss from logits)")
+    m.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    m.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="sharded weights, gradients and optimizer state in host memory (with --zero-stage 2/3)")
     p.add_argument("--attention-kernel", choices=("math", "flash"), default="math")
-    p.add_argument("--accounting", choices=("paper", "seqpar"), default="paper",
-                   help="activation accounting: Korthikanti et al.'s GPT layer, or what seqpar's Llama stores")
+    p.add_argument("--accounting", choices=("paper", "seqpar"),
+                   help="activation accounting: Korthikanti et al.'s GPT layer (default), or what seqpar's model "
+                        "stores (the default with --emit-config)")
     p.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default="bf16", help="activation dtype (default bf16)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=1)
     p.add_argument("--node-size", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--nvlink-gbps", type=float, default=450.0, help="intra-node GB/s per GPU (default 450)")
     p.add_argument("--ib-gbps", type=float, default=50.0, help="inter-node GB/s per GPU (default 50)")
+    p.add_argument("--pcie-gbps", type=float, default=50.0, help="host <-> GPU GB/s per GPU (default 50)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (default 989, H100)")
     p.add_argument("--utilization", type=float, default=0.5, help="fraction of peak reached (default 0.5)")
     p.add_argument("--inference", action="store_true",
@@ -366,6 +386,9 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="(--inference) tokens to generate (default 256)")
     p.add_argument("--hbm-gbps", type=float, default=3350.0,
                    help="(--inference) GPU memory bandwidth, GB/s (default 3350, H100 SXM)")
+    p.add_argument("--emit-config", metavar="RUN.toml", help="write the seqpar train config of the recommendation")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="(--emit-config) device (default cuda)")
+    p.add_argument("--steps", type=int, default=100, help="(--emit-config) training steps (default 100)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="memory and step time against sequence length (matplotlib)")
     p.add_argument("--limit", type=int, default=20, help="table rows (default 20)")

@@ -8,6 +8,7 @@
 * :mod:`~seqpar.core.layout`: which tokens a rank holds; ``shard`` / ``unshard`` / ``position_ids``.
 * :mod:`~seqpar.core.stats`, :mod:`~seqpar.core.debug`: counters; opt-in cross-rank and finite checks.
 * :mod:`~seqpar.core.configs`: transformer shapes shared by the models and the planner.
+* :mod:`~seqpar.core.recompute`: activation checkpointing (host offload of checkpoints), tiled token-wise blocks.
 
 The short public names (``seqpar.comm``, ``seqpar.kernels``, ``seqpar.stats``, ``seqpar.layout``...)
 refer to these modules.

@@ -173,82 +173,94 @@ class ModelConfig:
             return d
         check(isinstance(d, Mapping), ConfigError, f"expected a mapping, got {type(d).__name__}")
         gpt2_style = "n_embd" in d or "n_head" in d
-
-        def pick(spellings: tuple[str, ...]) -> Any:
-            for k in spellings:
-                if k in d and d[k] is not None:
-                    return d[k]
-            return None
-
-        kw: dict[str, Any] = {}
-        missing = []
-        for field_name, spellings in _REQUIRED_KEYS.items():
-            v = pick(spellings)
-            if v is None and field_name == "ffn_hidden_size" and gpt2_style and pick(_REQUIRED_KEYS["hidden_size"]):
-                v = 4 * int(pick(_REQUIRED_KEYS["hidden_size"]))  # GPT-2: n_inner=None means 4h
-            if v is None:
-                missing.append(" or ".join(repr(s) for s in spellings))
-            else:
-                kw[field_name] = v
-        if missing:
-            raise ConfigError("model mapping is missing required key(s): " + "; ".join(missing))
-        for field_name, spellings in _OPTIONAL_KEYS.items():
-            v = pick(spellings)
-            if v is not None:
-                kw[field_name] = v
-        for f in ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "vocab_size",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if f in kw:
-                try:
-                    kw[f] = int(kw[f])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"model mapping key for {f} must be an integer, got {kw[f]!r}") from None
-
-        # MLP kind
-        if "mlp" in d:
-            kw["mlp"] = str(d["mlp"]).lower()
-        else:
-            act = pick(("hidden_act", "activation_function", "hidden_activation", "activation"))
-            if act is None:
-                kw["mlp"] = "gelu" if gpt2_style else "swiglu"
-            else:
-                act = str(act).lower()
-                if act in _GATED_ACTS or "glu" in act:
-                    kw["mlp"] = "swiglu"
-                elif act in _PLAIN_ACTS or act.startswith("gelu"):
-                    kw["mlp"] = "gelu"
-                else:
-                    raise ConfigError(f"unknown hidden_act {act!r}; pass mlp='swiglu' or 'gelu'")
-        # Norm kind
-        if "norm" in d:
-            kw["norm"] = str(d["norm"]).lower()
-        elif "rms_norm_eps" in d:
-            kw["norm"] = "rmsnorm"
-        elif any(k in d for k in ("layer_norm_eps", "layer_norm_epsilon", "layernorm_epsilon")) or gpt2_style:
-            kw["norm"] = "layernorm"
-        if "tied_embeddings" not in kw and gpt2_style:
-            kw["tied_embeddings"] = True
-        if "tied_embeddings" in kw:
-            kw["tied_embeddings"] = bool(kw["tied_embeddings"])
-        if "rope_theta" not in kw and gpt2_style:
-            kw["rope_theta"] = None
-            kw.setdefault("max_position_embeddings", 1024)
-        elif "rope_theta" in kw:
-            kw["rope_theta"] = float(kw["rope_theta"])
-        drops = [float(d[k]) for k in _DROPOUT_KEYS
-                 if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
-        if drops:
-            kw["dropout"] = max(drops)
-        bias = pick(_BIAS_KEYS)
-        if bias is not None:
-            kw["bias"] = bool(bias)
-        elif gpt2_style:
-            kw["bias"] = True
+        kw = _sizes(d, gpt2_style)
+        kw["mlp"] = _mlp_kind(d, gpt2_style)
+        kw.update(_style_defaults(d, kw, gpt2_style))
         if name is not None:
             kw["name"] = name
         elif "name" in kw:
             kw["name"] = str(kw["name"])
         return cls(**kw)
+
+
+def _pick(d: Mapping[str, Any], spellings: tuple[str, ...]) -> Any:
+    """The value of the first spelling ``d`` holds (and is not None), else None."""
+    for k in spellings:
+        if k in d and d[k] is not None:
+            return d[k]
+    return None
+
+
+def _sizes(d: Mapping[str, Any], gpt2_style: bool) -> dict[str, Any]:
+    """The required and optional keys of a mapping, integers checked (ConfigError naming every missing key)."""
+    kw: dict[str, Any] = {}
+    missing = []
+    for field_name, spellings in _REQUIRED_KEYS.items():
+        v = _pick(d, spellings)
+        if v is None and field_name == "ffn_hidden_size" and gpt2_style and _pick(d, _REQUIRED_KEYS["hidden_size"]):
+            v = 4 * int(_pick(d, _REQUIRED_KEYS["hidden_size"]))  # GPT-2: n_inner=None means 4h
+        if v is None:
+            missing.append(" or ".join(repr(s) for s in spellings))
+        else:
+            kw[field_name] = v
+    if missing:
+        raise ConfigError("model mapping is missing required key(s): " + "; ".join(missing))
+    for field_name, spellings in _OPTIONAL_KEYS.items():
+        v = _pick(d, spellings)
+        if v is not None:
+            kw[field_name] = v
+    for f in ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "vocab_size",
+              "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if f in kw:
+            try:
+                kw[f] = int(kw[f])
+            except (TypeError, ValueError):
+                raise ConfigError(f"model mapping key for {f} must be an integer, got {kw[f]!r}") from None
+    return kw
+
+
+def _mlp_kind(d: Mapping[str, Any], gpt2_style: bool) -> str:
+    """``mlp`` as given, or from the activation function (gated: SwiGLU; GELU/ReLU: a plain MLP)."""
+    if "mlp" in d:
+        return str(d["mlp"]).lower()
+    act = _pick(d, ("hidden_act", "activation_function", "hidden_activation", "activation"))
+    if act is None:
+        return "gelu" if gpt2_style else "swiglu"
+    act = str(act).lower()
+    if act in _GATED_ACTS or "glu" in act:
+        return "swiglu"
+    if act in _PLAIN_ACTS or act.startswith("gelu"):
+        return "gelu"
+    raise ConfigError(f"unknown hidden_act {act!r}; pass mlp='swiglu' or 'gelu'")
+
+
+def _style_defaults(d: Mapping[str, Any], kw: dict[str, Any], gpt2_style: bool) -> dict[str, Any]:
+    """Norm, tied embeddings, positions, dropout and biases: given, or the GPT-2 family's defaults."""
+    out: dict[str, Any] = {}
+    if "norm" in d:
+        out["norm"] = str(d["norm"]).lower()
+    elif "rms_norm_eps" in d:
+        out["norm"] = "rmsnorm"
+    elif any(k in d for k in ("layer_norm_eps", "layer_norm_epsilon", "layernorm_epsilon")) or gpt2_style:
+        out["norm"] = "layernorm"
+    if "tied_embeddings" in kw or gpt2_style:
+        out["tied_embeddings"] = bool(kw.get("tied_embeddings", True))
+    if "rope_theta" in kw:
+        out["rope_theta"] = float(kw["rope_theta"])
+    elif gpt2_style:
+        out["rope_theta"] = None
+        if "max_position_embeddings" not in kw:
+            out["max_position_embeddings"] = 1024
+    drops = [float(d[k]) for k in _DROPOUT_KEYS
+             if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
+    if drops:
+        out["dropout"] = max(drops)
+    bias = _pick(d, _BIAS_KEYS)
+    if bias is not None:
+        out["bias"] = bool(bias)
+    elif gpt2_style:
+        out["bias"] = True
+    return out
 
 
 def _model(name: str, **kw: Any) -> ModelConfig:

@@ -1,12 +1,12 @@
-"""Local attention that returns its log-sum-exp, and the merge of partial results.
+"""Local attention that returns its log-sum-exp: the only place that calls attention kernels.
 
 Every sequence-parallel strategy reduces to "attend a block of queries to a block
-of keys, keep (out, lse), merge the partial results".  This module is the only
-place that calls attention kernels; everything above it works on (out, lse).
+of keys, keep (out, lse), merge the partial results" (:mod:`seqpar.core.merge`).
+Everything above this module works on (out, lse).
 
 Layout: q ``[B, Lq, H, D]``, k and v ``[B, Lk, Hkv, D]`` (BSHD, ``H % Hkv == 0``
-for GQA/MQA), out ``[B, Lq, H, D]`` in the input dtype, lse ``[B, H, Lq]`` in
-float32 (float64 for float64 inputs).
+for GQA/MQA), out ``[B, Lq, H, D]``, lse ``[B, H, Lq]`` in float32 (float64 for
+float64 inputs).
 
 Causal masks at an offset
 -------------------------
@@ -16,16 +16,26 @@ global sequence.  The convention, defined once here: with ``causal=True`` and
 For blocks cut from contiguous global ranges starting at ``q_start`` and
 ``k_start`` that is ``d = q_start - k_start``; ``d = 0`` is the usual
 (top-left aligned) causal mask, ``d >= Lk - 1`` sees everything and
-``d <= -Lq`` sees nothing.  Fused kernels only know ``d = 0``, so any other
+``d <= -Lq`` sees nothing.  Dense fused kernels only know ``d = 0``, so any other
 offset is cut into :class:`Task` s that are each either unmasked or plain causal
 (:func:`mask_pieces`); no mask tensor is ever built.
+
+Masked blocks (packed documents, padding, windows)
+--------------------------------------------------
+On CPU they run the flash op with an additive bias over one tile of query rows
+(its backward works there).  On CUDA a block's mask becomes one call of the flash
+op's variable-length form per window shape (:func:`varlen_forward`: cumulative
+lengths, ``window_size_left/right``, native GQA, and a backward that takes the
+merged out and lse, which a ring needs); the dense math kernel is the last resort
+(float32 inputs on CUDA) and :mod:`seqpar.stats` counts every call of it.
 
 Traps of PyTorch's CPU flash op that are handled here: a zero-length input
 kills the process (we never call it with one), q heads not divisible by kv
 heads silently gives NaN (we raise), a fully masked row gives lse 0 instead of
--inf (pieces never contain a fully masked row; uncovered rows get lse -inf),
-causal is top-left aligned when lengths differ (CUDA's raw flash op aligns it
-bottom-right: causal pieces are always square, where both agree).
+-inf (the plan knows those rows and they get -inf), causal is top-left aligned
+when lengths differ (CUDA's raw flash op aligns it bottom-right: causal pieces
+are always square, where both agree), a scale <= 0 gives NaN under a causal mask
+(q is scaled instead).  Nothing here reads tensor data back to the host.
 """
 from __future__ import annotations
 
@@ -34,26 +44,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fused_merge
-from .errors import ConfigError, ShapeError, check
-from .stats import record_work
+from .errors import ConfigError, ShapeError
+from .merge import accumulation_dtype, merge, merge_into
+from .stats import record_kernel, record_work, tracking
+from .varlen import CUDA_OPS, varlen_backward, varlen_forward
 
 __all__ = [
-    "Task",
-    "mask_pieces",
-    "accumulation_dtype",
-    "attention_with_lse",
-    "pair_forward",
-    "pair_backward",
-    "block_forward",
-    "block_backward",
-    "merge",
-    "merge_into",
-    "pick_backend",
-    "reference_attention",
+    "Task", "mask_pieces", "offset_pairs", "accumulation_dtype", "attention_with_lse", "pair_forward",
+    "pair_backward", "block_forward", "block_backward", "varlen_forward", "varlen_backward", "varlen_supported",
+    "merge", "merge_into", "pick_backend", "reference_attention", "check_qkv", "expand_kv", "fold_kv_grad",
+    "BACKENDS", "CUDA_OPS", "device_type",
 ]
 
 BACKENDS = ("auto", "cpu_flash", "cudnn", "flash", "efficient", "math")
+_CUDA_ONLY = ("cudnn", "flash", "efficient")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Task:
 
     Mask: ``bias`` (additive float ``[rows, keys]``, -inf = hidden) if given, else the causal-offset
     mask of this module (``causal``, ``offset``; ``offset=0`` is the plain top-left causal mask).
+    ``dead``: the rows (bool ``[rows]``) a bias hides every key from, None when there are none;
+    ``visible``: the query-key pairs the bias leaves (both are known when the plan is made, so the
+    hot path never reads a mask back).
     """
 
     q: slice
@@ -69,6 +76,24 @@ class Task:
     causal: bool
     offset: int = 0
     bias: torch.Tensor | None = field(default=None, compare=False)
+    dead: torch.Tensor | None = field(default=None, compare=False)
+    visible: int | None = field(default=None, compare=False)
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs this task attends."""
+        if self.visible is not None:
+            return self.visible
+        return offset_pairs(self.q.stop - self.q.start, self.k.stop - self.k.start, self.causal, self.offset)
+
+
+def offset_pairs(lq: int, lk: int, causal: bool, offset: int = 0) -> int:
+    """Visible pairs of an ``lq x lk`` block under the causal-offset mask (row i sees keys ``j <= i + offset``)."""
+    if not causal:
+        return lq * lk
+    a = min(max(-offset, 0), lq)  # first row that sees a key
+    b = min(max(lk - offset, a), lq)  # first row that sees every key
+    return (b - a) * (offset + 1) + (a + b - 1) * (b - a) // 2 + (lq - b) * lk
 
 
 def mask_pieces(lq: int, lk: int, causal: bool, causal_offset: int = 0) -> list[Task]:
@@ -105,25 +130,29 @@ def _square_causal(q0: int, q1: int, k0: int, k1: int) -> list[Task]:
 # --------------------------------------------------------------------------- backends
 
 
-def _visible_pairs(lq: int, lk: int, causal: bool) -> int:
-    """Query-key pairs a piece attends (top-left causal: row i sees min(i+1, lk) keys)."""
-    if not causal:
-        return lq * lk
-    m = min(lq, lk)
-    return m * (m + 1) // 2 + (lq - m) * lk
+def device_type(t: torch.Tensor) -> str:
+    """The device kind kernels are chosen for (one function, so tests can run the CUDA dispatch on CPU)."""
+    return t.device.type
 
 
 def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """Choose the kernel for ``q``'s device, dtype and head dim (``backend`` forces one)."""
-    check(backend in BACKENDS, ConfigError, f"unknown attention backend {backend!r}: choose one of {BACKENDS}")
+    """Choose the kernel for ``q``'s device, dtype and head dim (``backend`` forces one, checked against the device)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}: choose one of {BACKENDS}")
+    dev = device_type(q)
     if backend != "auto":
+        if backend in _CUDA_ONLY and dev != "cuda":
+            raise ConfigError(f"backend={backend!r} runs on CUDA tensors, but q is on {q.device}: use "
+                              f"backend='auto' (picks 'cpu_flash' on CPU) or move the tensors to a GPU")
+        if backend == "cpu_flash" and dev != "cpu":
+            raise ConfigError(f"backend='cpu_flash' runs on CPU tensors, but q is on {q.device}: use backend='auto'")
         return backend
-    if q.device.type == "cpu":
+    if dev == "cpu":
         return "cpu_flash"
-    if q.device.type == "cuda":
+    if dev == "cuda":
         d = q.shape[-1]
         half = q.dtype in (torch.float16, torch.bfloat16)
-        if half and d in (64, 128) and torch.backends.cudnn.is_available() and _cuda_cap(q) >= (9, 0):
+        if half and d in (64, 128) and _cudnn_available() and _cuda_cap(q) >= (9, 0):
             return "cudnn"
         if half and d <= 256 and d % 8 == 0:
             return "flash"
@@ -136,34 +165,31 @@ def _cuda_cap(q: torch.Tensor) -> tuple[int, int]:
     return torch.cuda.get_device_capability(q.device)
 
 
+def _cudnn_available() -> bool:
+    return torch.backends.cudnn.is_available()
+
+
+def varlen_supported(q: torch.Tensor, backend: str) -> bool:
+    """Masked blocks of ``q`` can run the flash op's variable-length form (CUDA, fp16/bf16, head dim <= 256, /8)."""
+    return (backend in _CUDA_ONLY and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0)
+
+
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Repeat kv heads to ``heads`` (BSHD), for kernels without native GQA. Local only."""
+def expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat kv heads to ``heads`` (BSHD), for kernels without native GQA.  Local, no communication."""
     rep = heads // k.shape[2]
     return k if rep == 1 else k.repeat_interleave(rep, dim=2)
 
 
-def _fold_kv_grad(dk: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum the gradients of repeated kv heads back onto the ``kv_heads`` originals (BSHD)."""
+def fold_kv_grad(dk: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the gradients of repeated kv heads back onto the ``kv_heads`` originals (BSHD): the dual of
+    :func:`expand_kv`."""
     b, s, h, d = dk.shape
     return dk if h == kv_heads else dk.view(b, s, kv_heads, h // kv_heads, d).sum(3)
-
-
-def _bias_backend(backend: str) -> str:
-    """Fused CUDA flash/cuDNN calls here take no mask: biased pieces (windows, packing) use math there."""
-    return "math" if backend in ("flash", "cudnn", "efficient") else backend
-
-
-def _hide_dead_rows(out, lse, bias):
-    """Rows whose bias hides every key: out 0 and lse -inf (the CPU op returns lse 0 there)."""
-    dead = torch.isneginf(bias).all(-1)
-    if bool(dead.any()):
-        out = out.masked_fill(dead.view(1, -1, 1, 1), 0.0)
-        lse = lse.masked_fill(dead.view(1, 1, -1), float("-inf"))
-    return out, lse
 
 
 def _cpu_float32(*ts):
@@ -173,25 +199,36 @@ def _cpu_float32(*ts):
     return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in ts]
 
 
-def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: torch.Tensor | None = None):
+def _no_key_rows(out, lse, dead):
+    """Rows whose bias hides every key: out 0 and lse -inf (the CPU op returns lse 0 there)."""
+    if dead is None:
+        return out, lse
+    return out.masked_fill(dead.view(1, -1, 1, 1), 0.0), lse.masked_fill(dead.view(1, 1, -1), float("-inf"))
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: torch.Tensor | None = None,
+                  dead: torch.Tensor | None = None):
     """One fused kernel call on a piece: returns (out BSHD, lse [B, H, Lq] float32).
 
-    ``out`` is in q's dtype on CUDA, float32 for half inputs on CPU (see :func:`_cpu_float32`).
-    ``bias``: optional additive mask ``[Lq, Lk]`` (-inf hides a key), used instead of ``causal``.
+    ``out`` is in q's dtype from the CUDA fused kernels, float32 from the math kernel and for half
+    inputs on CPU (see :func:`_cpu_float32`): partial results are merged in float32 on every backend.
+    ``bias``: optional additive mask ``[Lq, Lk]`` (-inf hides a key), used instead of ``causal``,
+    with ``dead`` its rows that see nothing (known from the plan).
     """
     if backend == "cpu_flash":
         q, k, v = _cpu_float32(q, k, v)
     if bias is not None:
-        record_work(int((bias == 0).sum()))
-        backend = _bias_backend(backend)
+        if backend != "cpu_flash":  # the dense CUDA kernels take no mask: the counted last resort
+            backend = "math"
+        record_kernel(backend)
         if backend == "math":
             out, lse = _math_forward(q, k, v, False, scale, bias)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _bhsd(q), _bhsd(k), _bhsd(v), 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
             out = _bhsd(out)
-        return _hide_dead_rows(out, lse, bias)
-    record_work(_visible_pairs(q.shape[1], k.shape[1], causal))
+        return _no_key_rows(out, lse, dead)
+    record_kernel(backend)
     if backend == "math":
         return _math_forward(q, k, v, causal, scale)
     if backend == "cpu_flash":  # native GQA when divisible (checked by the caller)
@@ -200,7 +237,7 @@ def block_forward(q, k, v, *, causal: bool, scale: float, backend: str, bias: to
         )
         return _bhsd(out), lse
     h = q.shape[2]
-    qt, kt, vt = _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h))
+    qt, kt, vt = _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h))
     if backend == "flash":
         res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
     elif backend == "cudnn":
@@ -223,15 +260,15 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
 
     Because softmax normalisation is carried by ``lse``, calling this per key
     block with the global out/lse gives gradients that sum to the full ones.
-    Rows that see no key at all (lse -inf) contribute nothing.
+    Rows that see no key at all (lse -inf) contribute nothing.  Gradients are in the
+    inputs' dtype from the CUDA fused kernels, float32 from the math and CPU ones.
     """
     # a row with no visible key anywhere has lse -inf; any finite stand-in gives p = 0 for it
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).contiguous()
     if backend == "cpu_flash":
         dout, q, k, v, out = _cpu_float32(dout, q, k, v, out)
     if bias is not None:
-        backend = _bias_backend(backend)
-        if backend == "math":
+        if backend != "cpu_flash":
             return _math_backward(dout, q, k, v, out, lse, False, scale, bias)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, False, attn_mask=bias.to(q.dtype),
@@ -246,7 +283,7 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
         return _bhsd(dq), _bhsd(dk), _bhsd(dv)
     h, hkv = q.shape[2], k.shape[2]
     lq, lk = q.shape[1], k.shape[1]
-    qt, kt, vt = _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h))
+    qt, kt, vt = _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h))
     dot, ot = _bhsd(dout), _bhsd(out)
     # philox seed/offset are unused without dropout; the cumulative lengths must be None (undefined): a
     # defined tensor, even an empty one, selects the kernels' variable-length (nested) paths
@@ -265,18 +302,16 @@ def block_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, backe
         )
     else:
         raise ConfigError(f"unknown attention backend {backend!r}")
-    return _bhsd(dq), _fold_kv_grad(_bhsd(dk), hkv), _fold_kv_grad(_bhsd(dv), hkv)
+    return _bhsd(dq), fold_kv_grad(_bhsd(dk), hkv), fold_kv_grad(_bhsd(dv), hkv)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for every float dtype but float64: where partial results are summed and merged."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# --------------------------------------------------------------------------- the dense math kernel
 
 
 def _math_scores(q, k, causal, scale, bias=None):
     """Masked scaled scores [B, H, Lq, Lk] in the accumulation dtype (fallback only)."""
     acc = accumulation_dtype(q.dtype)
-    kk = _expand_kv(k, q.shape[2])
+    kk = expand_kv(k, q.shape[2])
     s = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk.to(acc)) * scale
     if bias is not None:
         s = s + bias.to(device=s.device, dtype=acc)
@@ -288,93 +323,68 @@ def _math_scores(q, k, causal, scale, bias=None):
 
 
 def _math_forward(q, k, v, causal, scale, bias=None):
+    """(out, lse) in the accumulation dtype: a partial result is never rounded to bf16 before its merge."""
     s = _math_scores(q, k, causal, scale, bias)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.einsum("bhij,bjhd->bihd", p, _expand_kv(v, q.shape[2]).to(s.dtype))
-    return out.to(q.dtype), lse
+    return torch.einsum("bhij,bjhd->bihd", p, expand_kv(v, q.shape[2]).to(s.dtype)), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
+    """(dq, dk, dv) in the accumulation dtype, summed into float32 accumulators by the callers."""
     acc = accumulation_dtype(q.dtype)
     h, hkv = q.shape[2], k.shape[2]
     s = _math_scores(q, k, causal, scale, bias)
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
-    do, vv = dout.to(acc), _expand_kv(v, h).to(acc)
+    do, vv = dout.to(acc), expand_kv(v, h).to(acc)
     dv = torch.einsum("bhij,bihd->bjhd", p, do)
     dp = torch.einsum("bihd,bjhd->bhij", do, vv)
     delta = (do * out.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Lq, 1]
     ds = p * (dp - delta) * scale
-    dq = torch.einsum("bhij,bjhd->bihd", ds, _expand_kv(k, h).to(acc))
+    dq = torch.einsum("bhij,bjhd->bihd", ds, expand_kv(k, h).to(acc))
     dk = torch.einsum("bhij,bihd->bjhd", ds, q.to(acc))
-    return dq.to(q.dtype), _fold_kv_grad(dk, hkv).to(k.dtype), _fold_kv_grad(dv, hkv).to(v.dtype)
+    return dq, fold_kv_grad(dk, hkv), fold_kv_grad(dv, hkv)
 
 
-# --------------------------------------------------------------------------- merge
+# --------------------------------------------------------------------------- pairs of blocks
 
 
-def merge(out_a, lse_a, out_b, lse_b):
-    """Combine two partial attentions over disjoint key sets.
-
-    out ``[B, L, H, D]``, lse ``[B, H, L]``.  Computed in float32 (float64 for
-    float64): ``lse = logaddexp(lse_a, lse_b)``, ``out = w_a*out_a + w_b*out_b`` with
-    ``w_x = exp(lse_x - lse) = sigmoid(lse_x - lse_other)``.  Written with
-    logaddexp rather than sigmoid so a side with lse = -inf (no visible key)
-    gets weight exactly 0, and both sides -inf give out 0, lse -inf, not NaN.
-    Returns (out float32, lse float32).
-    """
-    acc = torch.promote_types(accumulation_dtype(out_a.dtype), accumulation_dtype(out_b.dtype))
-    out = out_a.to(acc).clone()
-    lse = lse_a.to(acc).clone()
-    merge_into(out, lse, out_b, lse_b)
-    out.masked_fill_(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), 0.0)  # no key on either side: out 0
-    return out, lse
-
-
-def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """In-place :func:`merge` of (out, lse) into float accumulators (views are fine).
-
-    The two weights sum to one, so ``acc = w_acc*acc + w_new*out`` is ``acc.lerp_(out, w_new)``:
-    one in-place pass over the ``[B, L, H, D]`` accumulator instead of four (two products, a
-    sum, a temporary), which is what the merge costs per ring step: it is memory-bound and
-    runs once per block.  Where no key is visible on either side (both lse -inf), w_new is 0
-    and the accumulator keeps its value: every producer in this package writes out 0 on rows
-    whose lse is -inf (:func:`merge` zeroes them for other callers).  A NaN lse still propagates.
-    """
-    if fused_merge.merge_into(acc_out, acc_lse, out, lse):  # CUDA with Triton: one kernel, one pass
-        return
-    lse = lse.to(acc_lse.dtype)
-    new_lse = torch.logaddexp(acc_lse, lse)
-    finite = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_new = torch.exp(lse - finite).to(acc_out.dtype).transpose(1, 2).unsqueeze(-1)
-    acc_out.lerp_(out.to(acc_out.dtype), w_new)
-    acc_lse.copy_(new_lse)
+def check_qkv(q, k, v) -> None:
+    """Raise a ShapeError naming the problem unless q ``[B, Lq, H, D]``, k and v ``[B, Lk, Hkv, D]`` fit together:
+    floating point, one dtype and device, ``H % Hkv == 0``, ``D > 0``.  No communication."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        raise ShapeError(f"q, k, v must be tensors, got {type(q).__name__}, {type(k).__name__}, {type(v).__name__}")
+    qs, ks, vs = q.shape, k.shape, v.shape  # one attribute read each: this runs on every call
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise ShapeError(f"q, k, v must be [batch, seq, heads, head_dim]; got dims {len(qs)}, {len(ks)}, {len(vs)}")
+    if ks != vs:
+        raise ShapeError(f"k {tuple(ks)} and v {tuple(vs)} must have the same shape")
+    if qs[0] != ks[0] or qs[3] != ks[3]:
+        raise ShapeError(f"q {tuple(qs)} and k {tuple(ks)} disagree on batch or head_dim")
+    dtype = q.dtype
+    if dtype != k.dtype or dtype != v.dtype:
+        raise ShapeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not dtype.is_floating_point:
+        raise ShapeError(f"q, k, v must be floating point (float32, bfloat16, float16 or float64), got {dtype}: "
+                         f"attention of integer values is not defined; cast them, e.g. q.float()")
+    device = q.device
+    if device != k.device or device != v.device:
+        raise ShapeError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if qs[3] == 0:
+        raise ShapeError(f"head_dim is 0 (q {tuple(qs)}): every head needs at least one feature")
+    if ks[2] == 0 or qs[2] % ks[2]:
+        raise ShapeError(f"q heads={qs[2]} not divisible by kv heads={ks[2]} (GQA needs heads % kv_heads == 0)")
 
 
-# --------------------------------------------------------------------------- local attention
-
-
-def _check_qkv(q, k, v) -> None:
-    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, ShapeError,
-          f"q, k, v must be [batch, seq, heads, head_dim]; got dims {q.dim()}, {k.dim()}, {v.dim()}")
-    check(k.shape == v.shape, ShapeError, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    check(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3], ShapeError,
-          f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
-    check(q.dtype == k.dtype == v.dtype, ShapeError, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    check(q.device == k.device == v.device, ShapeError, f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0, ShapeError,
-          f"q heads={q.shape[2]} not divisible by kv heads={k.shape[2]} (GQA needs heads % kv_heads == 0)")
-
-
-def pair_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None):
+def pair_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, backend: str, bias=None, dead=None):
     """Forward of one (q block, k block) pair under the offset mask (or ``bias``), no autograd.
 
     Returns (out, lse float32 ``[B, H, Lq]``; rows with no visible key: out 0, lse -inf).  ``out``
-    is in q's dtype or, where the kernel ran in float32 (half inputs on CPU), float32: callers
-    merging partial results keep it, others cast.
+    is in q's dtype or, where the kernel ran in float32 (math, half inputs on CPU), float32:
+    callers merging partial results keep it, others cast.
     """
     if bias is not None:
-        return block_forward(q, k, v, causal=False, scale=scale, backend=backend, bias=bias.to(q.device))
+        return block_forward(q, k, v, causal=False, scale=scale, backend=backend, bias=bias, dead=dead)
     b, lq, h, _ = q.shape
     pieces = mask_pieces(lq, k.shape[1], causal, causal_offset)
     if len(pieces) == 1 and pieces[0].q == slice(0, lq):
@@ -383,13 +393,13 @@ def pair_forward(q, k, v, *, causal: bool, causal_offset: int, scale: float, bac
     acc_out = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
     acc_lse = torch.full((b, h, lq), float("-inf"), dtype=acc_out.dtype, device=q.device)
     for p in pieces:
-        o, l = block_forward(q[:, p.q], k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
-        merge_into(acc_out[:, p.q], acc_lse[:, :, p.q], o, l)
+        o, lse = block_forward(q[:, p.q], k[:, p.k], v[:, p.k], causal=p.causal, scale=scale, backend=backend)
+        merge_into(acc_out[:, p.q], acc_lse[:, :, p.q], o, lse)
     return acc_out, acc_lse
 
 
 def pair_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, scale: float,
-                       backend: str, grads=None, bias=None):
+                  backend: str, grads=None, bias=None):
     """Backward of one block pair given the rows' final out and lse.
 
     ``grads`` = (dq, dk, dv) accumulators to add into (any float dtype, BSHD);
@@ -400,8 +410,7 @@ def pair_backward(dout, q, k, v, out, lse, *, causal: bool, causal_offset: int, 
         grads = tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     dq, dk, dv = grads
     if bias is not None:
-        gq, gk, gv = block_backward(dout, q, k, v, out, lse, causal=False, scale=scale, backend=backend,
-                                    bias=bias.to(q.device))
+        gq, gk, gv = block_backward(dout, q, k, v, out, lse, causal=False, scale=scale, backend=backend, bias=bias)
         dq += gq
         dk += gk
         dv += gv
@@ -430,7 +439,7 @@ class _AttentionWithLse(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         causal, offset, scale, backend = ctx.args
         dq, dk, dv = pair_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, causal_offset=offset,
-                                        scale=scale, backend=backend)
+                                   scale=scale, backend=backend)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -441,17 +450,23 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
 
     out is ``[B, Lq, H, D]`` in q's dtype; lse is ``[B, H, Lq]`` float32 (float64
     for float64 input) and not differentiable.  ``causal_offset`` places the
-    causal diagonal (see the module docstring).  Differentiable in q, k, v
-    through the fused backward ops: only q, k, v, out and lse are saved, never
-    a score matrix.  No communication.
+    causal diagonal (see the module docstring).  ``scale`` defaults to ``1/sqrt(D)``;
+    any real scale works (0 gives uniform weights, negative ones favour dissimilar keys).
+    Differentiable in q, k, v through the fused backward ops: only q, k, v, out and lse
+    are saved, never a score matrix.  No communication.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = pick_backend(q, backend)
+    if not scale > 0:  # the CPU flash op gives NaN under a causal mask for scale <= 0: scale q instead
+        q, scale = q * scale, 1.0
     if q.shape[1] == 0 or k.shape[1] == 0:  # the CPU op dies with SIGFPE on empty input
         b, lq, h, d = q.shape
         out = q.new_zeros(b, lq, h, d) + 0 * (q.sum() + k.sum() + v.sum())
         return out, torch.full((b, h, lq), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
+    if tracking():
+        pieces = mask_pieces(q.shape[1], k.shape[1], bool(causal), int(causal_offset))
+        record_work(sum(p.pairs for p in pieces), len(pieces))
     return _AttentionWithLse.apply(q, k, v, bool(causal), int(causal_offset), scale, backend)
 
 
@@ -459,7 +474,7 @@ def reference_attention(q, k, v, *, causal=False, causal_offset=0, scale=None, d
     """Dense reference in ``dtype`` (tests and `seqpar check`): returns (out, lse); O(Lq*Lk) memory."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     h = q.shape[2]
-    qq, kk, vv = q.to(dtype), _expand_kv(k, h).to(dtype), _expand_kv(v, h).to(dtype)
+    qq, kk, vv = q.to(dtype), expand_kv(k, h).to(dtype), expand_kv(v, h).to(dtype)
     s = torch.einsum("bihd,bjhd->bhij", qq, kk) * scale
     if causal:
         i = torch.arange(q.shape[1], device=q.device).unsqueeze(1)

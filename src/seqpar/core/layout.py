@@ -19,10 +19,10 @@ from . import comm
 from .errors import ConfigError, ShapeError, check
 from .masks import Task, TokenMeta, block_tasks
 from .mesh import Mesh, get_mesh, group_rank, group_size, resolve_group
-from .packing import SeqInfo, seq_info
+from .packing import SeqInfo, layout_unit, seq_info
 
 __all__ = ["Layout", "Task", "Nested", "get_layout", "resolve_layout", "shard", "unshard", "position_ids",
-           "LAYOUTS"]
+           "LAYOUTS", "resolve_seq_info", "sharding_of", "check_sharding", "mark_sharding", "plain_seq_info"]
 
 
 class Layout:
@@ -44,8 +44,9 @@ class Layout:
                            TokenMeta.single(self.indices(s, n, kv_rank)), causal)
 
     def check(self, seq_len: int, n: int) -> None:
-        """Raise a ShapeError unless ``seq_len`` tokens split over ``n`` ranks in this layout."""
-        need = n * self.granule
+        """Raise a ShapeError unless ``seq_len`` tokens split over ``n`` ranks in this layout (any length does
+        on one process, which holds every token in order)."""
+        need = 1 if n == 1 else layout_unit(self, n)
         check(seq_len % need == 0, ShapeError,
               f"sequence length {seq_len} is not divisible by {need} as layout {self.name!r} needs over {n} "
               f"ranks: pad the sequence to a multiple of {need}" + (" or use layout='contiguous'"
@@ -84,6 +85,8 @@ class Zigzag(Layout):
     granule = 2
 
     def indices(self, seq_len, n, rank):
+        if n == 1:  # one process holds every token in order (any length: nothing to split)
+            return torch.arange(seq_len)
         c = seq_len // (2 * n)
         return torch.cat([torch.arange(rank * c, (rank + 1) * c),
                           torch.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])
@@ -152,8 +155,10 @@ def get_layout(layout: str | Layout) -> Layout:
     """The :class:`Layout` named ``layout`` (contiguous, zigzag or stripe)."""
     if isinstance(layout, Layout):
         return layout
-    check(layout in LAYOUTS, ConfigError, f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
-    return LAYOUTS[layout]
+    found = LAYOUTS.get(layout) if isinstance(layout, str) else None
+    if found is None:
+        raise ConfigError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
+    return found
 
 
 def resolve_layout(layout: str | Layout, group=None, mesh: Mesh | None = None) -> Layout:
@@ -173,7 +178,7 @@ class _Shard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, info: SeqInfo, group):
         ctx.args = (dim, info, group)
-        return x.index_select(dim, info.indices(group_rank(group)).to(x.device))
+        return x.index_select(dim, info.on(f"indices:{group_rank(group)}", x.device))
 
     @staticmethod
     def backward(ctx, grad):
@@ -181,24 +186,99 @@ class _Shard(torch.autograd.Function):
         return _gather_padded(grad, dim, info, group), None, None, None
 
 
+class _GatherReplicated(torch.autograd.Function):
+    """Unshard for a consumer every rank computes alike: backward keeps this rank's positions of the
+    (whole, replicated) gradient instead of summing the ranks' copies."""
+
+    @staticmethod
+    def forward(ctx, x, dim, info: SeqInfo, group):
+        ctx.args = (dim, info, group)
+        with torch.no_grad():
+            return _gather_padded(x, dim, info, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, info, group = ctx.args
+        return grad.index_select(dim, info.on(f"indices:{group_rank(group)}", grad.device)), None, None, None
+
+
 def _gather_padded(x, dim, info: SeqInfo, group):
     """All-gather the shards and put them in (padded) global order."""
-    full = comm._AllGather.apply(x, dim, group)  # group already resolved: None means one process
-    perm = torch.cat([info.indices(r) for r in range(info.n)])
-    if torch.equal(perm, torch.arange(perm.numel())):
-        return full
-    return full.index_select(dim, torch.argsort(perm).to(x.device))
+    full = comm.all_gather(x, dim, group)
+    order = info.on("gather_order", x.device)
+    return full if order is None else full.index_select(dim, order)
 
 
-def _info(lay: Layout, n: int, seq_len: int | None, cu_seqlens, info: SeqInfo | None, pad: bool) -> SeqInfo:
+def resolve_seq_info(lay: Layout, n: int, seq_len: int | None, cu_seqlens=None, info: SeqInfo | None = None,
+                     pad: bool = False) -> SeqInfo:
+    """The :class:`~seqpar.packing.SeqInfo` a call means: ``info`` if given (checked against ``n``), else
+    the packing of ``cu_seqlens``, else a plain sequence of ``seq_len`` tokens (which, unless ``pad``,
+    must split over ``n`` ranks in ``lay`` without padding).  No communication."""
     if info is not None:
         check(info.n == n, ShapeError, f"seq_info was made for {info.n} ranks, the group has {n}")
         return info
     if cu_seqlens is not None:
         return seq_info(lay, n, cu_seqlens=cu_seqlens)
+    if seq_len is None:
+        raise ShapeError("give seq_len, cu_seqlens or seq_info: the sequence's length is needed to place its tokens")
     if not pad:
         lay.check(seq_len, n)
+        return seq_info(lay, n, seq_len=seq_len, exact=True)
     return seq_info(lay, n, seq_len=seq_len)
+
+
+_SHARDING = "_seqpar_sharding"
+
+
+def sharding_of(x: torch.Tensor) -> SeqInfo | None:
+    """How :func:`shard` split ``x`` (its :class:`~seqpar.packing.SeqInfo`: layout, ranks, packing,
+    padding), or None for a tensor that did not come out of :func:`shard` (or came from one process)."""
+    return getattr(x, _SHARDING, None)
+
+
+def check_sharding(x: torch.Tensor, expected: SeqInfo, what: str, call: str) -> None:
+    """Raise a ShapeError unless ``x`` (if it came from :func:`shard`) was split as ``expected``.
+
+    ``what`` names the tensor, ``call`` the function checking it.  Costs an attribute read when
+    the splits are one object (the usual case: every call of a step shares its SeqInfo).  A
+    shard laid out one way and attended another gives wrong results without any other error,
+    so this runs always, not only in debug mode.  No communication: every rank has the same
+    SeqInfos, so every rank raises alike.
+    """
+    got = sharding_of(x)
+    if got is None or got is expected or got.same_split(expected):
+        return
+    hint = ("pass the same layout to both" if got.layout != expected.layout or got.n != expected.n else
+            "pass the same cu_seqlens (or the seq_info that shard returned) to both")
+    raise ShapeError(f"{what} was sharded with {got.describe()}, but {call} was called for "
+                     f"{expected.describe()}: its tokens are not where {call} expects them; {hint}")
+
+
+def _mark(out: torch.Tensor, info: SeqInfo) -> torch.Tensor:
+    if not torch.compiler.is_compiling():  # an attribute on a tensor is invisible to a compiled graph
+        setattr(out, _SHARDING, info)
+    return out
+
+
+def plain_seq_info(layout: Layout, n: int, local: int) -> SeqInfo:
+    """The SeqInfo of one unpadded sequence of ``local`` tokens per rank over ``n`` ranks (cached)."""
+    key = (layout, n, local)
+    hit = _PLAIN.get(key)
+    if hit is None:
+        hit = _PLAIN[key] = seq_info(layout, n, seq_len=local * n, exact=True)
+    return hit
+
+
+_PLAIN: dict = {}
+
+
+def mark_sharding(x: torch.Tensor, info: SeqInfo | None, layout: Layout, n: int, local: int) -> torch.Tensor:
+    """Record on ``x`` (a shard of ``local`` tokens per rank over ``n`` ranks) how it is split: ``info``, or one
+    plain sequence in ``layout`` when None, so that :func:`unshard` and :func:`seqpar.attention` can check it.
+    Nothing is recorded for one process (every split is the identity there).  Returns ``x``."""
+    if n > 1:
+        _mark(x, info if info is not None else plain_seq_info(layout, n, local))
+    return x
 
 
 def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None,
@@ -212,37 +292,66 @@ def shard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", gro
     ``(shard, SeqInfo)`` is returned and the :class:`~seqpar.packing.SeqInfo`
     (padding per document, positions) must be passed to
     :func:`seqpar.attention` as ``seq_info`` so padding is masked.  Padding
-    holds ``pad_value`` (use -100 for labels).  No communication forward; backward all-gathers the
-    gradient (the dual, as in Megatron's scatter to the sequence-parallel region).
+    holds ``pad_value`` (use -100 for labels).  The shard remembers how it was
+    split (:func:`sharding_of`): :func:`seqpar.attention` and :func:`unshard` given
+    it with another layout or packing raise instead of computing on misplaced
+    tokens.  No communication forward; backward all-gathers the gradient (the
+    dual, as in Megatron's scatter to the sequence-parallel region).
     """
     group = resolve_group(group, mesh)
     lay = resolve_layout(layout, group, mesh)
-    dim = dim % x.dim()
+    dim = comm.dim_index(x, dim)
     n = group_size(group)
-    info = _info(lay, n, x.shape[dim], cu_seqlens, None, pad=return_info)
+    info = resolve_seq_info(lay, n, x.shape[dim], cu_seqlens, None, pad=return_info)
     check(info.seq_len == x.shape[dim], ShapeError,
           f"cu_seqlens covers {info.seq_len} tokens but dim {dim} of x has {x.shape[dim]}")
-    out = x if n == 1 and info.padding == 0 else _Shard.apply(info.pad(x, dim, pad_value), dim, info, group)
+    if n == 1 and info.padding == 0:
+        out = x
+    else:
+        out = _mark(_Shard.apply(info.pad(x, dim, pad_value), dim, info, group), info)
     return (out, info) if return_info else out
 
 
 def unshard(x: torch.Tensor, dim: int = 1, *, layout: str | Layout = "zigzag", group=None, mesh=None,
-            cu_seqlens=None, seq_info: SeqInfo | None = None) -> torch.Tensor:
+            cu_seqlens=None, seq_info: SeqInfo | None = None, grad: str = "sum") -> torch.Tensor:
     """The full tensor in global order from every rank's shard: ``[.., S_padded/N, ..] -> [.., S, ..]``.
 
-    Padding (given by ``cu_seqlens`` or ``seq_info``) is removed.  One all-gather
-    forward; backward reduce-scatters the gradient (as :func:`seqpar.comm.all_gather`).
+    Padding (given by ``cu_seqlens`` or ``seq_info``) is removed.  One all-gather forward.
+
+    The result is replicated: every rank holds the same tensor.  Its backward depends on what
+    consumes it (``grad``):
+
+    * ``"sum"`` (default, the dual of the all-gather, as :func:`seqpar.comm.all_gather`): the
+      ranks' gradients are summed and each rank keeps its part.  Right when each rank's
+      consumer contributes its own share of the objective.  A loss computed on the unsharded
+      tensor *on every rank* counts N times: its gradients come out N times too large.
+    * ``"replicated"``: the consumer is the same on every rank (e.g. a loss on the whole
+      output computed by every rank), so each rank keeps its own positions of that one
+      gradient: exactly the single-device gradient.
+
+    For training, compute the loss on the shards instead (:func:`seqpar.train.causal_lm_loss`
+    reduces over the sp group itself) and unshard only to inspect results.
+    Communication: one all-gather forward; backward one reduce-scatter (``"sum"``) or none.
     """
+    check(grad in ("sum", "replicated"), ConfigError,
+          f"grad={grad!r}: use 'sum' (each rank's consumer is its own share) or 'replicated' (every rank "
+          f"computes the same loss on the unsharded tensor)")
     group = resolve_group(group, mesh)
     lay = resolve_layout(layout, group, mesh)
-    dim = dim % x.dim()
+    dim = comm.dim_index(x, dim)
     n = group_size(group)
-    check(x.shape[dim] % lay.granule == 0, ShapeError,
-          f"local length {x.shape[dim]} is not a multiple of {lay.granule} as layout {lay.name!r} needs")
-    info = _info(lay, n, x.shape[dim] * n, cu_seqlens, seq_info, pad=False)
+    if n > 1:
+        check(x.shape[dim] % lay.granule == 0, ShapeError,
+              f"local length {x.shape[dim]} is not a multiple of {lay.granule} as layout {lay.name!r} needs")
+    info = resolve_seq_info(lay, n, x.shape[dim] * n, cu_seqlens, seq_info, pad=False)
     check(info.local_len == x.shape[dim], ShapeError,
           f"local length {x.shape[dim]} does not match the {info.local_len} tokens per rank of {info}")
-    return info.unpad(x if n == 1 else _gather_padded(x, dim, info, group), dim)
+    check_sharding(x, info, "the tensor", "unshard")
+    if n == 1:
+        return info.unpad(x, dim)
+    full = (_gather_padded(x, dim, info, group) if grad == "sum"
+            else _GatherReplicated.apply(x, dim, info, group))
+    return info.unpad(full, dim)
 
 
 def position_ids(seq_len: int | None = None, *, layout: str | Layout = "zigzag", group=None, mesh=None,
@@ -255,5 +364,5 @@ def position_ids(seq_len: int | None = None, *, layout: str | Layout = "zigzag",
     group = resolve_group(group, mesh)
     lay = resolve_layout(layout, group, mesh)
     n = group_size(group)
-    info = _info(lay, n, seq_len, cu_seqlens, seq_info, pad=False)
+    info = resolve_seq_info(lay, n, seq_len, cu_seqlens, seq_info, pad=False)
     return info.position_ids(group_rank(group)).to(device)

@@ -7,12 +7,20 @@ ring neighbours may cross nodes because ring transfers overlap with compute.
 
 An explicit :class:`Mesh` is passed around; :func:`init` also records it as the
 process-wide default that ``mesh=None`` / ``group=None`` arguments refer to.
+
+``group=None`` has one meaning everywhere a public function takes it: the default mesh's
+group of the kind that function works on (its sequence-parallel group for attention,
+collectives and sharding, its tensor-parallel group for :mod:`seqpar.tp`).  It is
+resolved once, at the public boundary (:func:`resolve_group`); inside the library a
+group is always explicit, and a single process is the explicit :data:`SINGLE`, never
+``None``.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,16 +28,42 @@ import torch.distributed as dist
 from .errors import ConfigError, check
 
 __all__ = ["Mesh", "init", "get_mesh", "set_mesh", "resolve_group", "resolve_mesh", "group_size", "group_rank",
-           "default_backend", "on_cuda_backend"]
+           "default_backend", "on_cuda_backend", "SINGLE", "SingleProcess"]
 
 DIMS = ("dp", "ring", "ulysses", "tp")
+
+
+class SingleProcess:
+    """The group of one process: every collective over it is the identity.
+
+    Use the one instance, :data:`SINGLE`.  It is what a mesh's group of degree 1 is when no
+    process group exists, and what to pass to keep a call local inside a distributed job
+    (``group=SINGLE``), where ``group=None`` would mean the default mesh's group.
+    """
+
+    _instance: SingleProcess | None = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "seqpar.mesh.SINGLE"
+
+    def __reduce__(self):
+        return (SingleProcess, ())
+
+
+#: the explicit single-process group (see :class:`SingleProcess`)
+SINGLE = SingleProcess()
 
 
 @dataclass
 class Mesh:
     """The parallel layout of this process: degrees, ranks and process groups.
 
-    A group attribute is ``None`` when its degree is 1 and no process group
+    A group attribute is :data:`SINGLE` when its degree is 1 and no process group
     exists (a single process): collectives over it are identities.
     """
 
@@ -37,7 +71,7 @@ class Mesh:
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
-    device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+    device_mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh, None without a process group
     groups: dict = field(default_factory=dict)
 
     @property
@@ -50,10 +84,10 @@ class Mesh:
         return self.dp * self.sp * self.tp
 
     def group(self, name: str):
-        """Process group ``name`` in {dp, sp, ring, ulysses, tp, dp_sp}, or None for a trivial one."""
-        check(name in ("dp", "sp", "ring", "ulysses", "tp", "dp_sp"), ConfigError,
-              f"unknown mesh group {name!r}: use dp, sp, ring, ulysses, tp or dp_sp")
-        return self.groups.get(name)
+        """Process group ``name`` in {dp, sp, ring, ulysses, tp, dp_sp}, or :data:`SINGLE` for a trivial one."""
+        if name not in _GROUP_NAMES:
+            raise ConfigError(f"unknown mesh group {name!r}: use dp, sp, ring, ulysses, tp or dp_sp")
+        return self.groups.get(name, SINGLE)
 
     @property
     def sp_group(self):
@@ -94,6 +128,7 @@ class Mesh:
         return f"Mesh(dp={self.dp}, sp={self.sp} (ulysses={self.ulysses} x ring={self.ring}), tp={self.tp})"
 
 
+_GROUP_NAMES = frozenset(("dp", "sp", "ring", "ulysses", "tp", "dp_sp"))
 _DEFAULT: Mesh | None = None
 
 
@@ -156,8 +191,7 @@ def init(sp: int | None = None, ulysses: int | None = None, ring: int | None = N
     """
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         backend = backend or default_backend()
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout) if timeout else None)
     world = dist.get_world_size() if dist.is_initialized() else 1
     dp, ring, ulysses, tp = _resolve_degrees(world, sp, ulysses, ring, tp, dp)
     mesh = Mesh(dp=dp, ring=ring, ulysses=ulysses, tp=tp)
@@ -191,18 +225,19 @@ def on_cuda_backend(group=None) -> bool:
 
 
 def resolve_group(group=None, mesh: Mesh | None = None, name: str = "sp"):
-    """The process group an API call means.
+    """The process group a public call means: called once, at the public boundary.
 
-    An explicit ``group`` wins; else group ``name`` of ``mesh`` or of the default
-    mesh; else the world group if a process group exists; else ``None``, the
-    trivial single-process group.
+    An explicit ``group`` (a process group or :data:`SINGLE`) wins; else group ``name``
+    of ``mesh`` or of the default mesh; else the world group if a process group exists
+    (what :func:`init` with default degrees would make the sp group); else :data:`SINGLE`.
+    Never returns None.
     """
     if group is not None:
         return group
     mesh = mesh if mesh is not None else _DEFAULT
     if mesh is not None:
         return mesh.group(name)
-    return dist.group.WORLD if dist.is_initialized() else None
+    return dist.group.WORLD if dist.is_initialized() else SINGLE
 
 
 def resolve_mesh(mesh: Mesh | None = None) -> Mesh:
@@ -222,10 +257,23 @@ def resolve_mesh(mesh: Mesh | None = None) -> Mesh:
 
 
 def group_size(group) -> int:
-    """Size of a resolved group (1 for ``None``)."""
-    return 1 if group is None else dist.get_world_size(group)
+    """Size of a group (1 for :data:`SINGLE`; None is resolved as at every public call)."""
+    if group is SINGLE:
+        return 1
+    if group is None:
+        group = resolve_group(None)
+        if group is SINGLE:
+            return 1
+    return dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
-    """This process's rank in a resolved group (0 for ``None``)."""
-    return 0 if group is None else dist.get_rank(group)
+    """This process's rank in a group (0 for :data:`SINGLE`; None is resolved as at every public call)."""
+    if group is SINGLE:
+        return 0
+    if group is None:
+        group = resolve_group(None)
+        if group is SINGLE:
+            return 0
+    return dist.get_rank(group)
+

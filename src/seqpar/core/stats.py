@@ -2,9 +2,13 @@
 
 ``with seqpar.stats.track() as st: ...`` records every seqpar collective issued
 inside the block (``st.calls[op]``, ``st.bytes[op]`` sent by this rank) and the
-attention work of this rank's kernels (``st.pairs``: visible query-key pairs in
-forward kernels; ``st.kernel_calls``).  Recording costs a list check when no
-tracker is active.
+attention work of this rank (``st.pairs``: visible query-key pairs of its forward
+kernels, ``st.kernel_calls``: how many, both read from the attention plan on the
+host, never from the device) and which kernel ran each forward block
+(``st.kernels["cpu_flash" | "cudnn" | "flash" | "efficient" | "flash_varlen" | "math"]``;
+``math`` is the dense last resort, so a benchmark can show when it runs).
+Recording costs a list check when no tracker is active, and nothing is recorded
+inside a ``torch.compile`` d graph.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["Stats", "track", "record_comm", "record_work", "saved_activations"]
+import torch
+
+__all__ = ["Stats", "track", "tracking", "record_comm", "record_work", "record_kernel", "saved_activations"]
 
 
 @dataclass
@@ -21,6 +27,7 @@ class Stats:
     bytes: Counter = field(default_factory=Counter)
     pairs: int = 0
     kernel_calls: int = 0
+    kernels: Counter = field(default_factory=Counter)
 
 
 _ACTIVE: list[Stats] = []
@@ -37,16 +44,32 @@ def track():
         _ACTIVE.remove(st)
 
 
+def tracking() -> bool:
+    """A tracker is active (and we are not tracing a compiled graph): worth computing what to record."""
+    return bool(_ACTIVE) and not torch.compiler.is_compiling()
+
+
 def record_comm(op: str, nbytes: int) -> None:
-    for st in _ACTIVE:
-        st.calls[op] += 1
-        st.bytes[op] += int(nbytes)
+    """Count one collective ``op`` sending ``nbytes`` from this rank."""
+    if _ACTIVE and not torch.compiler.is_compiling():
+        for st in _ACTIVE:
+            st.calls[op] += 1
+            st.bytes[op] += int(nbytes)
 
 
-def record_work(pairs: int) -> None:
-    for st in _ACTIVE:
-        st.pairs += int(pairs)
-        st.kernel_calls += 1
+def record_work(pairs: int, calls: int = 1) -> None:
+    """Count ``calls`` forward attention kernel calls attending ``pairs`` query-key pairs (host integers)."""
+    if _ACTIVE and not torch.compiler.is_compiling():
+        for st in _ACTIVE:
+            st.pairs += int(pairs)
+            st.kernel_calls += int(calls)
+
+
+def record_kernel(kind: str) -> None:
+    """Count one forward call of attention kernel ``kind``."""
+    if _ACTIVE and not torch.compiler.is_compiling():
+        for st in _ACTIVE:
+            st.kernels[kind] += 1
 
 
 class saved_activations:
@@ -69,8 +92,6 @@ class saved_activations:
         return t
 
     def __enter__(self):
-        import torch
-
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._ctx.__enter__()
         return self

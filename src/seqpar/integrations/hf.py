@@ -345,7 +345,8 @@ def _rope_types(config) -> set[str]:
     return found
 
 
-def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", layout: str = "zigzag") -> nn.Module:
+def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", layout: str = "zigzag", *,
+          recompute: str = "none", offload: bool = False, mlp_tiles: int = 1) -> nn.Module:
     """Make a Hugging Face causal LM run sequence-parallel attention over ``mesh.sp_group``.
 
     Registers :func:`hf_attention` as attention implementation ``"seqpar"``
@@ -360,6 +361,7 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
         mesh: the dp x sp mesh (default: the default mesh; tp must be 1).
         strategy: ``ring``, ``ulysses``, ``allgather``, ``usp`` or ``ring_qk_av`` (see seqpar.attention).
         layout: the sequence layout the batches are sharded in (``shard_batch(..., layout=)``).
+        recompute, offload, mlp_tiles: memory settings, see :func:`seqpar.integrations.hf_memory.apply_memory`.
 
     Returns:
         ``model`` (calling apply again replaces the previous settings).
@@ -372,6 +374,9 @@ def apply(model: nn.Module, mesh: Mesh | None = None, strategy: str = "ring", la
     _check_model(model, transformers)
     _route_attention(model, transformers)
     _install(model, mesh, strategy, layout)
+    from .hf_memory import apply_memory
+
+    apply_memory(model, recompute=recompute, offload=offload, mlp_tiles=mlp_tiles)
     from . import hf_inference  # noqa: F401  (registers the inference adapter; imported here: it imports this module)
 
     return model

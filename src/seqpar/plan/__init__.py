@@ -9,17 +9,21 @@ GPU:
   GQA, SwiGLU, any FFN width, fused attention kernels and the sequence-
   parallel strategies of this package (:mod:`seqpar.plan.memory`);
 * parameter, gradient and optimizer memory with ZeRO 0-3
-  (:func:`model_state_memory`);
+  (:func:`model_state_memory`), and the peak of a training step under the memory settings seqpar
+  runs: recomputation, host offload, tiled MLPs, the chunked loss, FSDP2's working set
+  (:mod:`seqpar.plan.peak`, :class:`MemorySettings`);
 * bytes sent per layer, forward and backward, under standard ring
   collective cost models (:mod:`seqpar.plan.comm_cost`);
-* a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand
+* a step-time estimate from FLOPs, peak throughput and NVLink / InfiniBand / PCIe
   bandwidths, with ring transfers overlapped with block compute
   (:mod:`seqpar.plan.timing`);
 
-and :func:`plan` enumerates every layout, drops the ones that do not fit and
-recommends the fastest (:mod:`seqpar.plan.planner`).  For long-context inference,
-:func:`plan_inference` splits the KV cache and the prefill over ``tp x sp``
-(:mod:`seqpar.plan.inference`).
+and :func:`plan` enumerates every layout and the memory settings left open
+(:class:`Settings`), drops what does not fit the GPU or the host, and recommends the fastest
+(:mod:`seqpar.plan.planner`); :func:`max_seq_len` answers the longest sequence that fits;
+:mod:`seqpar.plan.emit` writes the ``seqpar train`` config of a recommendation.  For
+long-context inference, :func:`plan_inference` splits the KV cache and the prefill over
+``tp x sp`` (:mod:`seqpar.plan.inference`).
 
 Units: bytes (GB = 1e9 bytes), seconds, FLOPs; bandwidths in GB/s.
 
@@ -52,7 +56,6 @@ from seqpar.plan.implementation import IMPLEMENTATIONS
 from seqpar.plan.inference import InferenceOption, InferencePlan, kv_cache_bytes, plan_inference
 from seqpar.plan.memory import (
     GB,
-    MemoryBreakdown,
     activation_memory,
     activation_memory_per_layer,
     activation_terms_per_layer,
@@ -70,7 +73,8 @@ from seqpar.plan.parallel_layout import (
     group_spans_nodes,
     resolve_parallel_layout,
 )
-from seqpar.plan.planner import Candidate, Plan, Settings, evaluate, plan
+from seqpar.plan.peak import MemoryBreakdown, MemorySettings, peak_memory
+from seqpar.plan.planner import Candidate, MaxLength, NothingFits, Plan, Settings, evaluate, max_seq_len, plan
 from seqpar.plan.timing import Hardware, TimeEstimate, estimate_layout_time, layer_flops
 
 __all__ = [
@@ -78,11 +82,11 @@ __all__ = [
     "ParallelLayout", "resolve_parallel_layout", "group_spans_nodes",
     "hidden_state_bytes", "activation_terms_per_layer", "activation_memory_per_layer",
     "non_layer_activation_terms", "activation_memory", "parameter_count", "model_state_memory",
-    "MemoryBreakdown",
+    "MemoryBreakdown", "MemorySettings", "peak_memory",
     "Transfer", "CommVolume", "comm_volume_per_layer", "layer_transfers", "dp_comm_bytes",
     "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
     "Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time",
-    "Candidate", "Plan", "Settings", "evaluate", "plan",
+    "Candidate", "Plan", "Settings", "NothingFits", "MaxLength", "evaluate", "plan", "max_seq_len",
     "kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference",
 ]
 

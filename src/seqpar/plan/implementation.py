@@ -49,14 +49,21 @@ Attention, by strategy (``a_t``/``kv_t`` heads per tp rank):
 
 Whole model (forward + :func:`seqpar.train.causal_lm_loss`): token ids
 (int64, plus a bool mask with tp), the final RMSNorm as above, the LM-head
-input, the cross entropy's float32 softmax ``acc b (s/sp) v/t`` and 11 bytes
-per token of targets and masks.
+input, the cross entropy's float32 softmax ``acc b (s/sp) v/t``, 10 bytes
+per token of targets and masks and the loss's 0-d scale factor.  With the
+chunked loss (``loss_chunk``): instead of the softmax and masks, the int64
+labels and two float32 statistics per token.
+
+Memory settings (:mod:`seqpar.core.recompute`): ``"selective"`` keeps each
+norm's ``p``-byte input instead of its float32 internals and, of SwiGLU, the
+gate_up output and the down-projection input (``3 p loc f/t``), and drops
+``ring_qk_av``'s probabilities; ``mlp_tiles > 1`` keeps of the MLP block (its
+norm and the MLP) only the input ``p rep h``; ``"full"`` keeps the layer input
+(every k-th with ``checkpoint_every``).
 
 Modelling choices: no dropout (the model has none); ``attention_kernel`` is
-irrelevant (every kernel path saves only out and lse); ``recompute="selective"``
-changes nothing (no scores are stored to drop; ``ring_qk_av`` always keeps its
-probabilities); ``recompute="full"`` keeps the layer input only, as wrapping
-each block in ``torch.utils.checkpoint`` does. PyTorch's CUDA build may
+irrelevant (every kernel path saves only out and lse); ``recompute="full"``
+keeps the layer input only (no layer then saves Ulysses' cached permutation). PyTorch's CUDA build may
 dispatch RMSNorm to a fused kernel that keeps only the input and ``rstd``:
 run the validation script with ``--device cuda`` to see what a GPU stores.
 """
@@ -85,16 +92,25 @@ def _norm(acc: int, rows: int, h: int, count: int) -> dict[str, int]:
 
 
 def seqpar_layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: int,
-                       causal: bool = True) -> dict[str, int]:
-    """Bytes one decoder layer of :class:`seqpar.models.LlamaForCausalLM` saves for backward, per GPU."""
+                       causal: bool = True, mlp_tiles: int = 1) -> dict[str, int]:
+    """Bytes one decoder layer of :class:`seqpar.models.LlamaForCausalLM` saves for backward, per GPU.
+
+    ``recompute="selective"`` checkpoints each RMSNorm (keeping its ``p``-byte input instead of the
+    float32 internals) and the SwiGLU product (keeping the gate_up output, not SiLU's), and the
+    attention core where it keeps scores (``ring_qk_av``); ``mlp_tiles > 1`` keeps of the whole MLP
+    block (its norm and the MLP) only its input.
+    """
     p, b, h, d = dtype_bytes, lay.micro_batch, cfg.hidden_size, cfg.d
     acc = _acc(p)
     rep = b * lay.s_replicated
     loc = b * lay.s_local
     if recompute == "full":
         return {"layer_input": p * rep * h}
-    terms = _norm(acc, rep, h, 2)
-    terms.update(qkv_input=p * rep * h, mlp_input=p * rep * h, rope_tables=16 * lay.s_local * d)
+    sel = recompute == "selective"
+    tiles = mlp_tiles > 1
+    norms = 1 if tiles else 2  # the tiled MLP block keeps its norm's input only (below)
+    terms = {"norm_inputs": norms * p * rep * h} if sel else _norm(acc, rep, h, norms)
+    terms.update(qkv_input=p * rep * h, rope_tables=16 * lay.s_local * d)
     a_t, kv_t = lay.heads_tp, lay.kv_tp
     local_qkv = {"q": p * loc * a_t * d, "k": p * loc * kv_t * d, "qkv_output": p * loc * (a_t + 2 * kv_t) * d}
     st = lay.strategy
@@ -112,23 +128,37 @@ def seqpar_layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dt
             terms["inverse_permutation"] = 8 * lay.seq_len  # int64, zigzag -> global order
     else:  # ring_qk_av
         terms.update(local_qkv)
-        terms["scores"] = acc * b * a_t * lay.s_local * lay.seq_len
+        terms["scores"] = 0 if sel else acc * b * a_t * lay.s_local * lay.seq_len
         terms["o_input"] = p * loc * a_t * d
-    terms["mlp_hidden"] = 4 * p * loc * lay.ffn_tp
+    if tiles:
+        terms["mlp_block_input"] = p * rep * h
+    else:
+        terms["mlp_input"] = p * rep * h
+        terms["mlp_hidden"] = (3 if sel else 4) * p * loc * lay.ffn_tp
     return terms
 
 
 def seqpar_non_layer_terms(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int,
-                           causal: bool = True) -> dict[str, int]:
-    """Bytes saved outside the layers by the model's forward and :func:`seqpar.train.causal_lm_loss`."""
+                           causal: bool = True, loss_chunk: int = 0, recompute: str = "none") -> dict[str, int]:
+    """Bytes saved outside the layers by the model's forward and its loss, per GPU.
+
+    ``loss_chunk = 0``: :func:`seqpar.train.causal_lm_loss` on the logits (its float32 softmax);
+    ``> 0``: the chunked loss from the hidden states, which keeps the LM head's input, the targets
+    and two float32 statistics per token.
+    """
     p, b, h = dtype_bytes, lay.micro_batch, cfg.hidden_size
     acc = _acc(p)
     rep, loc = b * lay.s_replicated, b * lay.s_local
     terms = {"embedding_ids": 8 * loc + (loc if lay.tp > 1 else 0)}  # int64 ids (+ bool "not my rows")
     terms.update({f"final_{k}": v for k, v in _norm(acc, rep, h, 1).items()})
     terms["output_input"] = p * rep * h
-    terms["logits_softmax"] = acc * loc * math.ceil(cfg.vocab_size / lay.tp)
-    terms["loss_bookkeeping"] = 11 * loc  # int64 target index + bool masks (own, valid, token mean)
-    if lay.strategy == "ulysses" and causal and lay.ulysses > 1:
+    if loss_chunk:
+        terms["loss_targets"] = 8 * loc  # the int64 labels
+        terms["loss_statistics"] = 2 * acc * loc  # max and sum of exponentials per token
+    else:
+        terms["logits_softmax"] = acc * loc * math.ceil(cfg.vocab_size / lay.tp)
+        terms["loss_bookkeeping"] = 10 * loc  # int64 target index + bool masks (own, valid)
+    terms["loss_scale"] = acc  # the 0-d (dp * sp) / tokens factor of the loss
+    if lay.strategy == "ulysses" and causal and lay.ulysses > 1 and recompute != "full":
         terms["layout_permutation"] = 8 * lay.seq_len  # cached by the layout, saved by every layer
     return terms

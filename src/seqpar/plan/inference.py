@@ -28,7 +28,7 @@ from seqpar.core.configs import ModelConfig, ModelLike, get_config
 from seqpar.core.errors import ConfigError, check
 from seqpar.plan.memory import GB, parameter_count
 from seqpar.plan.parallel_layout import divisors
-from seqpar.plan.timing import Hardware, _ring_time, layer_flops
+from seqpar.plan.timing import Hardware, layer_flops, ring_time
 
 __all__ = ["kv_cache_bytes", "InferenceOption", "InferencePlan", "plan_inference"]
 
@@ -118,7 +118,7 @@ def _cost(c: ModelConfig, seq_len: int, tp: int, sp: int, batch: int, dtype_byte
     ring_bw = hw.bandwidth(tp * sp > hw.node_size)
     tp_bw = hw.bandwidth(tp > hw.node_size)
     kv_block = 2 * batch * local * max(c.kv_heads // tp, 1) * c.d * dtype_bytes
-    ring = _ring_time(sp, compute, kv_block / ring_bw)  # transfers overlapped with block compute
+    ring = ring_time(sp, compute, kv_block / ring_bw)  # transfers overlapped with block compute
     # Megatron TP + SP: an all-gather before and a reduce-scatter after attention and the MLP
     tp_bytes = 4 * (tp - 1) / tp * batch * local * c.hidden_size * dtype_bytes if tp > 1 else 0
     prefill = c.num_layers * (ring + tp_bytes / tp_bw)
@@ -135,7 +135,7 @@ def _cost(c: ModelConfig, seq_len: int, tp: int, sp: int, batch: int, dtype_byte
 
 
 def plan_inference(model: ModelLike, seq_len: int, n_gpus: int, *, new_tokens: int = 256, batch: int = 1,
-                   gpu_memory_gb: float = 80.0, dtype_bytes: int = 2, node_size: int = 8,
+                   tp: int | None = None, gpu_memory_gb: float = 80.0, dtype_bytes: int = 2, node_size: int = 8,
                    nvlink_gbps: float = 450.0, ib_gbps: float = 50.0, peak_tflops: float = 989.0,
                    utilization: float = 0.5, hbm_gbps: float = 3350.0, latency_us: float = 15.0) -> InferencePlan:
     """Recommend a ``tp x sp`` split of ``n_gpus`` for one ``seq_len``-token prompt and ``new_tokens`` of decode.
@@ -144,6 +144,7 @@ def plan_inference(model: ModelLike, seq_len: int, n_gpus: int, *, new_tokens: i
         model: registered name, HF-style mapping or :class:`~seqpar.configs.ModelConfig`.
         seq_len: prompt tokens; n_gpus: GPUs (``tp * sp``); new_tokens: tokens to generate.
         batch: sequences decoded together; gpu_memory_gb: per GPU, GB (1e9 bytes).
+        tp: fix the tensor-parallel degree (default: every one that fits a node and splits the heads).
         dtype_bytes: weights, cache and activations (2 = bf16).
         node_size, nvlink_gbps, ib_gbps, peak_tflops, utilization: as the training planner.
         hbm_gbps: GPU memory bandwidth, GB/s (H100 SXM: 3350); latency_us: one small collective.
@@ -160,14 +161,22 @@ def plan_inference(model: ModelLike, seq_len: int, n_gpus: int, *, new_tokens: i
                   node_size=node_size)
     check(hbm_gbps > 0 and latency_us >= 0, ConfigError, "hbm_gbps must be > 0 and latency_us >= 0")
     options = []
-    for tp in divisors(n_gpus):
-        if tp > node_size or c.num_attention_heads % tp or c.ffn_hidden_size % tp or \
-                not (c.kv_heads % tp == 0 or tp % c.kv_heads == 0):
+    if tp is not None:
+        check(isinstance(tp, int) and tp > 0 and n_gpus % tp == 0, ConfigError,
+              f"tp={tp!r} must be a positive divisor of n_gpus={n_gpus}")
+        check(c.num_attention_heads % tp == 0 and c.ffn_hidden_size % tp == 0
+              and (c.kv_heads % tp == 0 or tp % c.kv_heads == 0), ConfigError,
+              f"tp={tp} does not split the {c.num_attention_heads} heads, {c.kv_heads} kv heads and "
+              f"{c.ffn_hidden_size} FFN columns of {c.name}")
+    for t in [tp] if tp is not None else divisors(n_gpus):
+        if tp is None and (t > node_size or c.num_attention_heads % t or c.ffn_hidden_size % t
+                           or not (c.kv_heads % t == 0 or t % c.kv_heads == 0)):
             continue
-        options.append(_cost(c, seq_len, tp, n_gpus // tp, batch, dtype_bytes, hw, hbm_gbps, latency_us,
+        options.append(_cost(c, seq_len, t, n_gpus // t, batch, dtype_bytes, hw, hbm_gbps, latency_us,
                              gpu_memory_gb, new_tokens))
-    check(options, ConfigError, f"no tensor-parallel degree dividing {n_gpus} GPUs splits {c.num_attention_heads} "
-                                f"heads and {c.kv_heads} kv heads within a node of {node_size}")
+    check(bool(options), ConfigError, f"no tensor-parallel degree dividing {n_gpus} GPUs splits "
+                                      f"{c.num_attention_heads} heads and {c.kv_heads} kv heads within a node of "
+                                      f"{node_size}")
     options.sort(key=lambda o: (not o.fits, o.total_s))
     best = options[0]
     if not best.fits:

@@ -61,9 +61,8 @@ written and GQA. ``"paper"`` stays the default.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Any
 
 from seqpar.core.configs import ModelConfig, ModelLike, get_config
 from seqpar.core.errors import ConfigError, check
@@ -71,6 +70,8 @@ from seqpar.plan.implementation import IMPLEMENTATIONS, seqpar_layer_terms, seqp
 from seqpar.plan.parallel_layout import ATTENTION_KERNELS, RECOMPUTE_MODES, ParallelLayout, resolve_parallel_layout
 
 __all__ = [
+    "layer_terms",
+    "non_layer_terms",
     "hidden_state_bytes",
     "activation_terms_per_layer",
     "activation_memory_per_layer",
@@ -78,7 +79,6 @@ __all__ = [
     "activation_memory",
     "parameter_count",
     "model_state_memory",
-    "MemoryBreakdown",
     "IMPLEMENTATIONS",
 ]
 
@@ -108,10 +108,16 @@ def _check_modes(recompute: str, attention_kernel: str, dtype_bytes: int, implem
           f"dtype_bytes must be a positive int, got {dtype_bytes!r}")
 
 
-def _terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: int, attention_kernel: str,
-           dropout: bool, implementation: str = "paper", causal: bool = True) -> dict[str, int]:
+def layer_terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: int, attention_kernel: str,
+                dropout: bool, implementation: str = "paper", causal: bool = True, mlp_tiles: int = 1
+                ) -> dict[str, int]:
+    """Named stored tensors of one layer of a resolved layout, in bytes (the module docstring's rows).
+
+    ``mlp_tiles > 1`` (the MLP over sequence tiles, recomputed in backward) drops the MLP's hidden
+    activations: only its input is kept.
+    """
     if implementation == "seqpar":
-        return seqpar_layer_terms(cfg, lay, recompute, dtype_bytes, causal)
+        return seqpar_layer_terms(cfg, lay, recompute, dtype_bytes, causal, mlp_tiles)
     p, b, h, d = dtype_bytes, lay.micro_batch, cfg.hidden_size, cfg.d
     rep = b * lay.s_replicated  # token-rows of TP-replicated tensors
     loc = b * lay.s_local       # token-rows of TP-sharded tensors
@@ -126,7 +132,7 @@ def _terms(cfg: ModelConfig, lay: ParallelLayout, recompute: str, dtype_bytes: i
         "k": p * _kv_elems(lay) * d,
         "v": p * _kv_elems(lay) * d,
         "attn_output": p * loc * lay.heads_tp * d,
-        "mlp_hidden": (3 if cfg.mlp == "swiglu" else 2) * p * loc * lay.ffn_tp,
+        "mlp_hidden": 0 if mlp_tiles > 1 else (3 if cfg.mlp == "swiglu" else 2) * p * loc * lay.ffn_tp,
     }
     score_bytes_per_elem = 2 * p + 1 if dropout else p
     materialised = attention_kernel == "math" or lay.strategy == "ring_qk_av"
@@ -160,19 +166,19 @@ def activation_terms_per_layer(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
-    implementation: str = "paper", causal: bool = True,
+    implementation: str = "paper", causal: bool = True, mlp_tiles: int = 1,
 ) -> dict[str, int]:
     """Named stored tensors of one layer on one GPU, in bytes (see module docstring)."""
     c, lay, drop = _layout_and_flags(cfg, seq_len, micro_batch, tp, sequence_parallel, recompute, dtype_bytes,
                                      sp, strategy, ulysses, attention_kernel, dropout, implementation)
-    return _terms(c, lay, recompute, dtype_bytes, attention_kernel, drop, implementation, causal)
+    return layer_terms(c, lay, recompute, dtype_bytes, attention_kernel, drop, implementation, causal, mlp_tiles)
 
 
 def activation_memory_per_layer(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
-    implementation: str = "paper", causal: bool = True,
+    implementation: str = "paper", causal: bool = True, mlp_tiles: int = 1,
 ) -> int:
     """Activation bytes one transformer layer keeps for backward, per GPU.
 
@@ -201,6 +207,7 @@ def activation_memory_per_layer(
             see :mod:`seqpar.plan.implementation`).
         causal: causal attention (only the ``seqpar`` Ulysses accounting
             depends on it: the zigzag permutation).
+        mlp_tiles: the MLP runs over this many sequence tiles (keeping only its input).
 
     Returns:
         Bytes, an exact integer.
@@ -208,13 +215,14 @@ def activation_memory_per_layer(
     return sum(activation_terms_per_layer(
         cfg, seq_len, micro_batch, tp, sequence_parallel, recompute, dtype_bytes, sp, strategy,
         ulysses=ulysses, attention_kernel=attention_kernel, dropout=dropout, implementation=implementation,
-        causal=causal).values())
+        causal=causal, mlp_tiles=mlp_tiles).values())
 
 
 def non_layer_activation_terms(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *, ulysses: int | None = None,
-    dropout: bool | None = None, implementation: str = "paper", causal: bool = True,
+    dropout: bool | None = None, implementation: str = "paper", causal: bool = True, loss_chunk: int = 0,
+    recompute: str = "none",
 ) -> dict[str, int]:
     """Activation bytes outside the layers, per GPU (paper section 4.3, no pipeline).
 
@@ -223,23 +231,31 @@ def non_layer_activation_terms(
     (``4*s*b*ceil(v/t)``: vocab-parallel fp32 logits kept by the cross entropy).
     The first three are divided by ``t`` with sequence parallelism, all by ``sp``.
     ``implementation="seqpar"``: see :func:`seqpar.plan.implementation.seqpar_non_layer_terms`.
+    ``loss_chunk > 0``: the chunked loss (no logits kept).
     """
     c, lay, drop = _layout_and_flags(cfg, seq_len, micro_batch, tp, sequence_parallel, "none", dtype_bytes,
                                      sp, strategy, ulysses, "math", dropout, implementation)
-    return _non_layer_terms(c, lay, dtype_bytes, drop, implementation, causal)
+    return non_layer_terms(c, lay, dtype_bytes, drop, implementation, causal, loss_chunk, recompute)
 
 
-def _non_layer_terms(c: ModelConfig, lay: ParallelLayout, dtype_bytes: int, drop: bool,
-                     implementation: str = "paper", causal: bool = True) -> dict[str, int]:
+def non_layer_terms(c: ModelConfig, lay: ParallelLayout, dtype_bytes: int, drop: bool,
+                    implementation: str = "paper", causal: bool = True, loss_chunk: int = 0,
+                    recompute: str = "none") -> dict[str, int]:
+    """Named stored tensors outside the layers of a resolved layout, in bytes.
+
+    ``loss_chunk > 0`` (the loss from the hidden states in token chunks) keeps, instead of the
+    float32 logits, two float32 statistics per token.
+    """
     if implementation == "seqpar":
-        return seqpar_non_layer_terms(c, lay, dtype_bytes, causal)
+        return seqpar_non_layer_terms(c, lay, dtype_bytes, causal, loss_chunk, recompute)
     p, h, b = dtype_bytes, c.hidden_size, lay.micro_batch
     rep = b * lay.s_replicated
+    loss = 8 * b * lay.s_local if loss_chunk else 4 * b * lay.s_local * math.ceil(c.vocab_size / lay.tp)
     return {
         "embedding_dropout_mask": rep * h if drop else 0,
         "final_norm_input": p * rep * h,
         "output_input": p * rep * h,
-        "logits_fp32": 4 * b * lay.s_local * math.ceil(c.vocab_size / lay.tp),
+        "loss_statistics_fp32" if loss_chunk else "logits_fp32": loss,
     }
 
 
@@ -247,18 +263,23 @@ def activation_memory(
     cfg: ModelLike, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
     recompute: str = "none", dtype_bytes: int = 2, sp: int = 1, strategy: str | None = None, *,
     ulysses: int | None = None, attention_kernel: str = "math", dropout: bool | None = None,
-    implementation: str = "paper", causal: bool = True,
+    implementation: str = "paper", causal: bool = True, mlp_tiles: int = 1, loss_chunk: int = 0,
+    checkpoint_every: int = 1,
 ) -> int:
-    """Total activation bytes per GPU: ``L * per_layer + non_layer`` terms."""
+    """Total activation bytes per GPU: ``L * per_layer + non_layer`` terms (the stored ones, kept for backward).
+
+    ``recompute="full"`` with ``checkpoint_every=k`` keeps ``ceil(L/k)`` layer inputs.
+    """
     c = get_config(cfg)
     per_layer = activation_memory_per_layer(c, seq_len, micro_batch, tp, sequence_parallel, recompute,
                                             dtype_bytes, sp, strategy, ulysses=ulysses,
                                             attention_kernel=attention_kernel, dropout=dropout,
-                                            implementation=implementation, causal=causal)
+                                            implementation=implementation, causal=causal, mlp_tiles=mlp_tiles)
     extra = non_layer_activation_terms(c, seq_len, micro_batch, tp, sequence_parallel, dtype_bytes, sp,
                                        strategy, ulysses=ulysses, dropout=dropout, implementation=implementation,
-                                       causal=causal)
-    return c.num_layers * per_layer + sum(extra.values())
+                                       causal=causal, loss_chunk=loss_chunk, recompute=recompute)
+    layers = -(-c.num_layers // checkpoint_every) if recompute == "full" else c.num_layers
+    return layers * per_layer + sum(extra.values())
 
 
 def parameter_count(model: ModelLike, tp: int = 1) -> int:
@@ -272,6 +293,11 @@ def parameter_count(model: ModelLike, tp: int = 1) -> int:
     """
     c = get_config(model)
     check(isinstance(tp, int) and tp > 0, ConfigError, f"tp must be a positive int, got {tp!r}")
+    return _parameter_count(c, tp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parameter_count(c: ModelConfig, tp: int) -> int:
     a, kv, h, d, f = c.num_attention_heads, c.kv_heads, c.hidden_size, c.d, c.ffn_hidden_size
     check(a % tp == 0 and f % tp == 0 and (kv % tp == 0 or tp % kv == 0), ConfigError,
           f"tp={tp} does not divide heads ({a}), kv heads ({kv}) or ffn ({f})")
@@ -315,31 +341,3 @@ def model_state_memory(
         "gradients": shard(n * grad_bytes, zero_stage >= 2),
         "optimizer": shard(n * optimizer_bytes, zero_stage >= 1),
     }
-
-
-@dataclass
-class MemoryBreakdown:
-    """Bytes per GPU. ``total`` = activations + parameters + gradients + optimizer."""
-
-    activations: int
-    parameters: int
-    gradients: int
-    optimizer: int
-    activation_per_layer: int = 0
-    activation_non_layer: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.activations + self.parameters + self.gradients + self.optimizer
-
-    @property
-    def total_gb(self) -> float:
-        return self.total / GB
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "activations": self.activations, "parameters": self.parameters, "gradients": self.gradients,
-            "optimizer": self.optimizer, "activation_per_layer": self.activation_per_layer,
-            "activation_non_layer": self.activation_non_layer, "total": self.total,
-            "total_gb": round(self.total_gb, 4),
-        }

@@ -54,9 +54,9 @@ def group_spans_nodes(stride: int, size: int, node_size: int) -> bool:
 
 
 def _pos_int(v: object, what: str) -> int:
-    check(isinstance(v, int) and not isinstance(v, bool) and v > 0, ConfigError,
-          f"{what} must be a positive int, got {v!r}")
-    return int(v)  # type: ignore[arg-type]
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{what} must be a positive int, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,30 @@ Tensor-parallel, Ulysses, all-gather and ``ring_qk_av`` communication is not
 overlapped (added). Ring and USP ring steps overlap transfer and block
 compute: ``sum over steps of max(block compute, block transfer)``.
 Data-parallel sync overlaps with backward compute; only the excess counts.
+
+Memory settings (:class:`seqpar.plan.peak.MemorySettings`): tiled MLPs replay the MLP's
+forward in backward (one more MLP forward per layer, twice with ``recompute="full"``, whose replay
+runs the tiled MLP's forward again); the chunked loss recomputes the logits (the head costs 4x its
+forward instead of 3x); ``offload`` copies each checkpoint to host memory and back over PCIe
+(``pcie_gbps``) on a side stream, hidden behind the layer's compute (only the excess counts);
+``offload_optimizer`` moves the sharded parameters in and the sharded gradients out every step
+over PCIe and runs AdamW on the CPU (``cpu_adam_gparams`` billion parameters per second per GPU),
+not overlapped.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from seqpar.core.configs import ModelConfig
 from seqpar.core.errors import ConfigError, check
 from seqpar.plan.comm_cost import Transfer, layer_transfers
+from seqpar.plan.memory import parameter_count
 from seqpar.plan.parallel_layout import ParallelLayout, group_spans_nodes
+from seqpar.plan.peak import MemorySettings
 
-__all__ = ["Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time"]
+__all__ = ["Hardware", "TimeEstimate", "layer_flops", "estimate_layout_time", "ring_time", "layer_transfers_cached"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,9 @@ class Hardware:
         nvlink_gbps: intra-node bandwidth per GPU per direction, GB/s (1e9 B/s).
         ib_gbps: inter-node bandwidth per GPU, GB/s.
         node_size: GPUs per node.
+        pcie_gbps: host <-> GPU bandwidth per GPU, GB/s (PCIe 5 x16: about 50 in practice).
+        cpu_adam_gparams: AdamW on the CPU, billion parameters per second per GPU's share of the host
+            (an estimate; DeepSpeed's vectorised CPU Adam reaches a few per node).
     """
 
     peak_tflops: float = 989.0
@@ -54,11 +69,14 @@ class Hardware:
     nvlink_gbps: float = 450.0
     ib_gbps: float = 50.0
     node_size: int = 8
+    pcie_gbps: float = 50.0
+    cpu_adam_gparams: float = 0.5
 
     def __post_init__(self) -> None:
         check(self.peak_tflops > 0, ConfigError, f"peak_tflops must be > 0, got {self.peak_tflops}")
         check(0 < self.utilization <= 1, ConfigError, f"utilization must be in (0, 1], got {self.utilization}")
-        check(self.nvlink_gbps > 0 and self.ib_gbps > 0, ConfigError, "bandwidths must be > 0")
+        check(self.nvlink_gbps > 0 and self.ib_gbps > 0 and self.pcie_gbps > 0 and self.cpu_adam_gparams > 0,
+              ConfigError, "bandwidths and the CPU optimizer's speed must be > 0")
         check(isinstance(self.node_size, int) and self.node_size > 0, ConfigError,
               f"node_size must be a positive int, got {self.node_size!r}")
 
@@ -72,13 +90,13 @@ class Hardware:
 
 
 def layer_flops(cfg: ModelConfig, seq_len: int, micro_batch: int = 1, causal: bool = True) -> dict[str, float]:
-    """Forward FLOPs of one layer for the whole sequence: ``matmul`` and ``attention``."""
+    """Forward FLOPs of one layer for the whole sequence: ``matmul`` (``mlp`` of it) and ``attention``."""
     b, s, h, d, a, kv, f = (micro_batch, seq_len, cfg.hidden_size, cfg.d, cfg.num_attention_heads,
                             cfg.kv_heads, cfg.ffn_hidden_size)
     n_mat = 3 if cfg.mlp == "swiglu" else 2
     matmul = 2.0 * b * s * (h * a * d + 2 * h * kv * d + a * d * h + n_mat * h * f)
     attention = 4.0 * b * s * s * a * d * (0.5 if causal else 1.0)
-    return {"matmul": matmul, "attention": attention}
+    return {"matmul": matmul, "attention": attention, "mlp": 2.0 * b * s * n_mat * h * f}
 
 
 @dataclass
@@ -118,7 +136,7 @@ class TimeEstimate:
         return {k: float(v) for k, v in self.__dict__.items()}
 
 
-def _ring_time(steps: int, compute: float, kv_xfer: float, grad_xfer: float = 0.0) -> float:
+def ring_time(steps: int, compute: float, kv_xfer: float, grad_xfer: float = 0.0) -> float:
     """``sum_i max(block compute, block transfer)`` over ``steps`` ring steps.
 
     K/V blocks move on every step but the last; gradient blocks (backward)
@@ -128,13 +146,40 @@ def _ring_time(steps: int, compute: float, kv_xfer: float, grad_xfer: float = 0.
     return sum(max(c, (kv_xfer if i < steps - 1 else 0.0) + grad_xfer) for i in range(steps))
 
 
+def _host_traffic(cfg: ModelConfig, lay: ParallelLayout, dp: int, ms: MemorySettings, hw: Hardware,
+                  dtype_bytes: int, param_bytes: int, grad_bytes: int) -> tuple[float, float, float]:
+    """Seconds over PCIe: a checkpoint each way per layer (offload), and per step the sharded weights in
+    (each all-gather), the gradients out and AdamW on the CPU (offload_optimizer)."""
+    ckpt = dtype_bytes * lay.micro_batch * lay.s_replicated * cfg.hidden_size / (hw.pcie_gbps * 1e9)
+    state = 0.0
+    if ms.offload_optimizer:
+        local = -(-parameter_count(cfg, lay.tp) // (dp * lay.sp))
+        moved = local * (param_bytes * (2 if ms.zero_stage == 3 else 1) + grad_bytes)
+        state = moved / (hw.pcie_gbps * 1e9) + local / (hw.cpu_adam_gparams * 1e9)
+    return (ckpt, ckpt, state) if ms.offload else (0.0, 0.0, state)
+
+
+@functools.lru_cache(maxsize=16384)
+def layer_transfers_cached(cfg: ModelConfig, lay: ParallelLayout, dtype_bytes: int, recompute: str
+                           ) -> tuple[Transfer, ...]:
+    """:func:`seqpar.plan.comm_cost.layer_transfers`, remembered (the planner asks for the same ones often)."""
+    return tuple(layer_transfers(cfg, lay, dtype_bytes, recompute))
+
+
+@functools.lru_cache(maxsize=65536)
 def estimate_layout_time(
     cfg: ModelConfig, lay: ParallelLayout, *, dp: int = 1, hardware: Hardware = Hardware(), dtype_bytes: int = 2,
     recompute: str = "none", attention_kernel: str = "math", causal: bool = True,
-    dp_bytes: int = 0,
+    dp_bytes: int = 0, memory: MemorySettings | None = None, param_bytes: int = 2, grad_bytes: int = 2,
 ) -> TimeEstimate:
-    """Step-time estimate of a resolved layout (see module docstring)."""
+    """Step-time estimate of a resolved layout (see module docstring).
+
+    ``memory`` (its ``recompute`` replaces ``recompute``) adds what tiles, the chunked loss and the
+    offloads cost; ``param_bytes``/``grad_bytes`` size what ``offload_optimizer`` moves.
+    """
     hw = hardware
+    ms = memory if memory is not None else MemorySettings(recompute=recompute)
+    recompute = ms.recompute
     n_par = lay.tp * lay.sp
     fl = layer_flops(cfg, lay.seq_len, lay.micro_batch, causal)
     mm_f = fl["matmul"] / n_par
@@ -146,8 +191,10 @@ def estimate_layout_time(
     if recompute == "full":
         mm_b += mm_f
         at_b += at_f
+    if ms.mlp_tiles > 1:  # the tiled MLP replays its forward in backward (again inside a full replay)
+        mm_b += fl["mlp"] / n_par * (2 if recompute == "full" else 1)
     speed = hw.flops_per_s
-    trs = layer_transfers(cfg, lay, dtype_bytes, recompute)
+    trs = layer_transfers_cached(cfg, lay, dtype_bytes, recompute)
 
     strides = {"tp": 1, "ulysses": lay.tp, "ring": lay.tp * lay.ulysses, "sp": lay.tp}
 
@@ -165,8 +212,8 @@ def estimate_layout_time(
         bw = hw.bandwidth(group_spans_nodes(strides["ring"], r, hw.node_size))
         blk = dtype_bytes * lay.micro_batch * lay.ring_block_tokens * lay.kv_attn * cfg.d
         kv_x, dkv_x = 2 * blk / bw, 2 * blk / bw
-        ring_f = _ring_time(r, attn_f_time, kv_x)
-        ring_b = _ring_time(r, at_b / speed - (at_f / speed if recompute == "full" else 0.0), kv_x, dkv_x)
+        ring_f = ring_time(r, attn_f_time, kv_x)
+        ring_b = ring_time(r, at_b / speed - (at_f / speed if recompute == "full" else 0.0), kv_x, dkv_x)
         if recompute == "full":  # the replayed forward runs its own ring pass
             ring_b += ring_f
         ring_extra_f = ring_f - attn_f_time
@@ -175,15 +222,18 @@ def estimate_layout_time(
     comp_b = mm_b / speed + attn_b_time
     comm_f = exposed_f + ring_extra_f
     comm_b = exposed_b + ring_extra_b
+    off_f, off_b, off_state = _host_traffic(cfg, lay, dp, ms, hw, dtype_bytes, param_bytes, grad_bytes)
+    comm_f += max(0.0, off_f - comp_f)  # checkpoints copied behind the layer's compute
+    comm_b += max(0.0, off_b - comp_b)
     layer_f, layer_b = comp_f + comm_f, comp_b + comm_b
     head_flops = 2.0 * lay.micro_batch * lay.seq_len * cfg.hidden_size * cfg.vocab_size / n_par
-    head = 3 * head_flops / speed
+    head = (4 if ms.loss_chunk else 3) * head_flops / speed
     L = cfg.num_layers
     n_sync = dp * lay.sp
     dp_time = 0.0
     if dp_bytes:
         dp_time = dp_bytes / hw.bandwidth(group_spans_nodes(lay.tp, n_sync, hw.node_size))
-    dp_exposed = max(0.0, dp_time - L * comp_b - 2 * head / 3)
+    dp_exposed = max(0.0, dp_time - L * comp_b - 2 * head / 3) + off_state
     step = L * (layer_f + layer_b) + head + dp_exposed
     useful = 3 * (L * (fl["matmul"] + fl["attention"]) + head_flops * n_par)
     n_gpus = n_par * dp

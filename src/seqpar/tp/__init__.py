@@ -17,7 +17,7 @@ none).  Every layer converts to/from its single-device equivalent with
 :func:`get_rng_tracker`.
 """
 from ._base import TPModule, skip_init
-from .cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from .cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .embedding import VocabParallelEmbedding
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .mappings import (
@@ -34,8 +34,7 @@ from .random import TENSOR_PARALLEL_RNG, RNGStatesTracker, get_rng_tracker, mode
 
 __all__ = [
     "TPModule", "skip_init", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy",
-    "vocab_parallel_argmax",
+    "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_argmax",
     "LayerNorm", "RMSNorm", "sync_sequence_parallel_grads", "mark_sequence_parallel",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "TENSOR_PARALLEL_RNG",
     "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region", "scatter_to_tensor_parallel_region",

@@ -12,41 +12,10 @@ Communication: forward one all-gather; backward one all-gather and one reduce-sc
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from ..core.comm import _all_gather, _all_gather_tensor, _reduce_scatter_tensor
-from ..core.mesh import group_size
-from ..core.stats import record_comm
-
-
-def _start_all_gather(x: torch.Tensor, dim: int, group) -> Callable[[], torch.Tensor]:
-    """Begin gathering ``x`` along ``dim``; the returned callable waits and returns the result."""
-    n, x = group_size(group), x.contiguous()
-    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-    record_comm("all_gather", x.numel() * x.element_size() * (n - 1))
-    work = _all_gather_tensor(out, x, group=group, async_op=True)
-
-    def finish() -> torch.Tensor:
-        work.wait()
-        return out.view((n,) + tuple(x.shape)).movedim(0, dim).flatten(dim, dim + 1)
-    return finish
-
-
-def _start_reduce_scatter(x: torch.Tensor, dim: int, group) -> Callable[[], torch.Tensor]:
-    """Begin summing ``x`` over the group keeping this rank's chunk along ``dim``; callable waits."""
-    n = group_size(group)
-    inp = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
-    out = x.new_empty(inp.shape[1:])
-    record_comm("reduce_scatter", inp.numel() * inp.element_size() * (n - 1) // n)
-    work = _reduce_scatter_tensor(out, inp.flatten(0, 1), group=group, async_op=True)
-
-    def finish() -> torch.Tensor:
-        work.wait()
-        return out
-    return finish
+from ..core.comm import all_gather_tensor, reduce_scatter_tensor
 
 
 class GatherLinear(torch.autograd.Function):
@@ -63,21 +32,23 @@ class GatherLinear(torch.autograd.Function):
             bias = None if bias is None else bias.to(dt)
         ctx.dim, ctx.group = dim, group
         ctx.save_for_backward(x, weight)
-        return F.linear(_all_gather(x, dim, group), weight, bias)
+        return F.linear(all_gather_tensor(x, dim, group), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(weight.dtype)
-        wait_total = _start_all_gather(x, ctx.dim, ctx.group) if need_w else None
-        grad_total = grad_out.matmul(weight) if need_x else None  # overlaps the all-gather
-        wait_grad_x = _start_reduce_scatter(grad_total, ctx.dim, ctx.group) if need_x else None
+        total = all_gather_tensor(x, ctx.dim, ctx.group, async_op=True) if need_w else None
+        pending_x = None
+        if need_x:  # the input gradient's matmul overlaps the all-gather, its reduce-scatter the weight's matmul
+            pending_x = reduce_scatter_tensor(grad_out.matmul(weight), ctx.dim, ctx.group, async_op=True)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = grad_b = None
-        if need_w:  # overlaps the reduce-scatter
-            grad_w = g2.t().matmul(wait_total().reshape(-1, x.shape[-1])).to(ctx.dtypes[0])
+        grad_w = grad_b = grad_x = None
+        if total is not None:
+            grad_w = g2.t().matmul(total.wait().reshape(-1, x.shape[-1])).to(ctx.dtypes[0])
         if need_b:
             grad_b = g2.sum(0).to(ctx.dtypes[1])
-        grad_x = wait_grad_x().to(ctx.dtypes[2]) if need_x else None
+        if pending_x is not None:
+            grad_x = pending_x.wait().to(ctx.dtypes[2])
         return grad_x, grad_w, grad_b, None, None

@@ -78,7 +78,7 @@ class VocabParallelEmbedding(TPModule):
         if self.sequence_parallel and self.tp_size > 1:
             check(-ids.dim() <= self.seq_dim < ids.dim(), ShapeError,
                   f"sequence_parallel=True needs ids with a sequence dim {self.seq_dim}, got shape {tuple(ids.shape)}")
-            mp._seq_divisible(ids, self.seq_dim, self.tp_size, "VocabParallelEmbedding")
+            mp.check_seq_divisible(ids, self.seq_dim, self.tp_size, "VocabParallelEmbedding")
         if self.tp_size > 1:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             out = F.embedding((ids - self.vocab_start).masked_fill(outside, 0), self.weight,

@@ -201,7 +201,7 @@ class RowParallelLinear(TPModule):
             _check_in(x, self.in_features, "RowParallelLinear (input_is_parallel=False)")
         if self.sequence_parallel and self.tp_size > 1:
             # fail on every rank before the matmul and the collective, not inside reduce_scatter
-            mp._seq_divisible(x, self.seq_dim, self.tp_size, "RowParallelLinear")
+            mp.check_seq_divisible(x, self.seq_dim, self.tp_size, "RowParallelLinear")
         if not self.input_is_parallel:
             x = mp.scatter_to_tensor_parallel_region(x, self.tp_group)
         y = F.linear(x, self.weight)  # partial sum over this rank's input features

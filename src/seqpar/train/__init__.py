@@ -7,8 +7,16 @@
 * :mod:`~seqpar.train.trainer`: the loop behind ``seqpar demo`` and ``seqpar train``.
 """
 from .grads import clip_grad_norm, sync_gradients
-from .loss import IGNORE, IGNORE_INDEX, LossOutput, causal_lm_loss, shift_labels
+from .loss import (
+    IGNORE,
+    IGNORE_INDEX,
+    LossOutput,
+    causal_lm_loss,
+    causal_lm_loss_from_hidden,
+    global_token_mean,
+    shift_labels,
+)
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["IGNORE", "IGNORE_INDEX", "LossOutput", "causal_lm_loss", "shift_labels", "sync_gradients",
-           "clip_grad_norm", "TrainConfig", "TrainResult", "train"]
+__all__ = ["IGNORE", "IGNORE_INDEX", "LossOutput", "causal_lm_loss", "causal_lm_loss_from_hidden", "global_token_mean",
+           "shift_labels", "sync_gradients", "clip_grad_norm", "TrainConfig", "TrainResult", "train"]

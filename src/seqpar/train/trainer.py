@@ -22,17 +22,19 @@ import torch
 import torch.distributed as dist
 
 from ..core import layout as layout_mod
+from ..core.comm import reduce_in_place
 from ..core.configs import FIELD_NAMES, get_config
 from ..core.errors import CommError, ConfigError, SeqParError, ShapeError, check
 from ..core.layout import LAYOUTS
 from ..core.mesh import Mesh, init
+from ..core.recompute import MemoryConfig
 from ..core.strategies import SP_STRATEGIES
 from ..models import LlamaForCausalLM
 from ..tp import skip_init
 from ..tp.cross_entropy import vocab_parallel_argmax
 from .data import make_data
-from .grads import clip_grad_norm, sync_gradients
-from .loss import IGNORE, causal_lm_loss
+from .fsdp import check_zero_stage, clip_gradients, reduce_gradients, shard_model
+from .loss import IGNORE, causal_lm_loss, global_token_mean
 from .metrics import MetricsWriter
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -52,7 +54,51 @@ MODEL_KEYS = frozenset(FIELD_NAMES) | {
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; ``seqpar train`` reads it from TOML or YAML (same keys)."""
+    """Everything a run needs; ``seqpar train`` reads it from TOML or YAML (same keys).
+
+    Attributes:
+        model: a registered name (``tiny``, ``llama3-8b``...) or a table of Hugging Face
+            ``config.json`` sizes (``hidden_size``, ``num_attention_heads``, ``num_hidden_layers``...).
+        strategy: sequence-parallel attention: ``ring``, ``ulysses``, ``allgather``, ``usp`` or ``ring_qk_av``.
+        layout: which tokens each sp rank holds: ``zigzag`` (balanced causal work), ``contiguous`` or ``stripe``.
+        tp: tensor-parallel degree (Megatron); the rest of the world is dp x sp.
+        ulysses: Ulysses degree inside sp (``strategy = "usp"``); the ring takes the rest of sp.
+        dp: data-parallel degree; unset: 1, and sp takes the whole world left after tp.
+        sequence_parallel: with ``tp > 1``, Megatron sequence parallelism (norms and residuals on sequence shards).
+        seq_len: tokens per sequence, the whole sequence (split over the sp ranks).
+        micro_batch: sequences per data-parallel rank per step.
+        steps: optimizer steps of the whole run (a resumed run continues up to it).
+        lr: peak AdamW learning rate (betas 0.9, 0.95): linear warm-up, then cosine decay to 10%.
+        warmup: steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        grad_clip: clip the global gradient norm (over every rank) to this; 0 turns clipping off.
+        data: the data table: ``{kind = "recall", pairs = 8}`` (synthetic associative recall across the
+            sequence) or ``{kind = "tokens", path = "tokens.bin", dtype = "uint16"}`` (a memory-mapped file of
+            token ids: uint16, uint32 or int32).
+        seed: seeds the weights and the data, identically at every parallel layout.
+        device: ``cpu`` or ``cuda`` (under torchrun each rank takes ``cuda:LOCAL_RANK``).
+        dtype: parameters and activations: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        checkpoint_dir: where checkpoints are written; a run resumes from the latest one there, at any layout.
+        save_every: save a checkpoint every this many steps (0: never).
+        log_every: log on rank 0 every this many steps.
+        eval_batches: batches of the token-accuracy evaluation at the end.
+        peak_tflops: per-device peak, for the MFU estimate (989 for an H100 in bf16); unset: no MFU.
+        timeout: seconds a collective may wait before the run fails (when seqpar starts the process group).
+        recompute: activation recomputation: ``none``, ``selective`` (norms and the SwiGLU product replayed
+            in backward) or ``full`` (each layer replayed from its input).  None of the memory settings
+            changes the results.
+        offload: with ``recompute = "full"``, the checkpointed layer inputs wait in host memory (copied on a
+            side stream on CUDA, prefetched one layer ahead in backward).
+        checkpoint_every: with ``recompute = "full"``, checkpoint every k-th layer's input and replay chains
+            of k layers (k times fewer checkpoints).
+        mlp_tiles: each MLP block (its norm and the MLP) over this many sequence tiles (1: off).
+        loss_chunk: > 0: the loss from the final hidden states in chunks of this many tokens, the logits
+            never held (0: the loss from the logits).
+        zero_stage: 0 (replicated), 2 or 3: FSDP2 over dp x sp (3 also frees each layer's gathered weights
+            after its forward).
+        offload_optimizer: with ``zero_stage`` 2 or 3, the sharded weights, gradients and optimizer state in
+            host memory (AdamW steps on the CPU).
+    """
 
     model: str | dict = "tiny"
     strategy: str = "ring"
@@ -79,6 +125,14 @@ class TrainConfig:
     eval_batches: int = 2
     peak_tflops: float | None = None  # per device, for the MFU estimate (989 for an H100 in bf16)
     timeout: float = 600.0  # seconds a collective may wait before the run fails (when seqpar starts the group)
+    # memory beyond attention (seqpar.core.recompute, seqpar.train.fsdp); none changes the results
+    recompute: str = "none"  # "none" | "selective" | "full"
+    offload: bool = False  # recompute="full": checkpointed layer inputs in host memory
+    checkpoint_every: int = 1  # recompute="full": checkpoint every k-th layer's input (chains of k layers)
+    mlp_tiles: int = 1  # each MLP block over this many sequence tiles
+    loss_chunk: int = 0  # > 0: the loss from the hidden states, this many tokens at a time (no logits)
+    zero_stage: int = 0  # 0, 2 or 3: FSDP2 over dp x sp for 2 and 3
+    offload_optimizer: bool = False  # zero_stage 2/3: sharded params, grads, optimizer state in host memory
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -101,6 +155,12 @@ class TrainConfig:
             raise ConfigError(f"config: {e}") from None
         _validate(cfg)
         return cfg
+
+    def memory(self) -> MemoryConfig:
+        """The model's memory settings (raises ConfigError naming a bad one)."""
+        return MemoryConfig(recompute=self.recompute, offload=self.offload, mlp_tiles=self.mlp_tiles,
+                            checkpoint_every=self.checkpoint_every)
+
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a ``.toml`` or ``.yaml``/``.yml`` file."""
@@ -157,6 +217,11 @@ def _validate(cfg: TrainConfig) -> None:
         check(value is None or isinstance(value, str), ConfigError, f"{name} = {value!r} must be a path (a string)")
     model = get_config(cfg.model)  # names a missing key or an unknown model now, not on every rank later
     make_data(cfg.data, model.vocab_size, cfg.seq_len, cfg.seed)  # unknown keys, bad values, a missing file
+    cfg.memory()  # names a bad memory setting now
+    check_zero_stage(cfg.zero_stage, cfg.offload_optimizer)
+    check(isinstance(cfg.loss_chunk, int) and not isinstance(cfg.loss_chunk, bool) and cfg.loss_chunk >= 0,
+          ConfigError, f"loss_chunk={cfg.loss_chunk!r}: tokens per loss chunk, a positive int (0: the loss from "
+          f"the logits)")
 
 
 @dataclass
@@ -220,8 +285,7 @@ def _accuracy(model, data, cfg, mesh, device) -> float:
             pred = vocab_parallel_argmax(model(ids), group=mesh.tp_group)
             valid = labels != IGNORE
             stats = torch.tensor([float(((pred == labels) & valid).sum()), float(valid.sum())])
-            if mesh.dp_sp_group is not None:
-                dist.all_reduce(stats, group=mesh.dp_sp_group)
+            reduce_in_place(stats, mesh.dp_sp_group)
             correct, total = correct + stats[0].item(), total + stats[1].item()
     return correct / max(total, 1.0)
 
@@ -230,11 +294,14 @@ def _step(model, opt, data, cfg: TrainConfig, mesh: Mesh, step: int, device) -> 
     ids, labels = _local_batch(data, cfg, mesh, step, device, model.config.vocab_size)
     for g in opt.param_groups:
         g["lr"] = _lr(cfg, step)
-    out = causal_lm_loss(model(ids), labels, mesh)
+    if cfg.loss_chunk:
+        out = global_token_mean(model(ids, labels=labels, loss_chunk=cfg.loss_chunk), labels, mesh)
+    else:
+        out = causal_lm_loss(model(ids), labels, mesh)
     out.loss.backward()
-    sync_gradients(model, mesh)
+    reduce_gradients(model, mesh)  # FSDP or not
     if cfg.grad_clip:
-        clip_grad_norm(model, cfg.grad_clip, mesh)
+        clip_gradients(model, cfg.grad_clip, mesh)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(out.value)
@@ -276,8 +343,11 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, log: Callable[[dict], N
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
     with skip_init():  # init_weights draws the same weights at every layout
         model = LlamaForCausalLM(cfg.model, mesh=mesh, strategy=cfg.strategy, layout=cfg.layout,
-                                 sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device)
+                                 sequence_parallel=cfg.sequence_parallel, dtype=DTYPES[cfg.dtype], device=device,
+                                 **dataclasses.asdict(cfg.memory()))
     model.init_weights(cfg.seed)
+    if cfg.zero_stage:
+        shard_model(model, mesh, zero_stage=cfg.zero_stage, offload_optimizer=cfg.offload_optimizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     data = make_data(cfg.data, model.config.vocab_size, cfg.seq_len, cfg.seed)
     start = 0

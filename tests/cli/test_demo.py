@@ -1,5 +1,6 @@
-"""``seqpar demo``: exact in float64 against one process, measured activation memory per rank, training curves
-overlaid, a plot with the ``plot`` extra and a table without it."""
+"""``seqpar demo``: a needle asked for from far away, exact in float64 against one process, measured activation
+memory per rank, training curves overlaid, accuracy on held-out sequences, a plot with the ``plot`` extra and a
+table without it."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import re
 
 import pytest
 
-from seqpar.cli import main
-from seqpar.cli.demo import _plot_or_table
+from seqpar.cli import build_parser, main
+from seqpar.cli.demo import _how_far, _plot_or_table, _validate
 
 
 def _no_matplotlib(monkeypatch):
@@ -37,6 +38,27 @@ def test_demo_small_run_is_exact_measures_memory_and_prints_a_table_without_matp
     assert "float32 loss curves: relative difference" in out and "float32 rounding" in out
     assert "pip install 'seqpar[plot]'" in out and not (tmp_path / "demo.png").exists()
     assert re.search(r"^\s+3\s+[0-9.]+\s+[0-9.]+", out, re.M)  # the table's last step, both runs
+    assert "needle retrieval across 256-token sequences" in out
+    assert re.search(r"accuracy [0-9.]+ on the 512 questions of 8 held-out sequences \(never trained on; chance "
+                     r"0\.125\)", out), out
+
+
+def test_the_default_needle_lies_far_from_its_questions_mostly_on_another_rank():
+    ns = build_parser().parse_args(["demo"])
+    _validate(ns)  # the defaults make a valid run
+    assert ns.seq_len >= 4096 and ns.nproc == 4
+    far, other = _how_far(ns, ns.nproc)
+    assert far > ns.seq_len / 4 and other > 0.5  # a question is answered from thousands of tokens back
+
+
+def test_usp_flags_still_run(capsys, tmp_path, monkeypatch):
+    _no_matplotlib(monkeypatch)
+    rc = main(["demo", "--strategy", "usp", "--ulysses", "2", "--seq-len", "128", "--steps", "2", "--micro-batch", "1",
+               "--repeat", "4", "--questions", "8", "--eval-batches", "1", "--no-reference",
+               "--plot", str(tmp_path / "demo.png")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "strategy=usp, sp=4 (ulysses=2)" in out and "rank 3 of 4" in out and "one process" in out
 
 
 def test_with_matplotlib_the_plot_shows_loss_memory_and_time(tmp_path, capsys):

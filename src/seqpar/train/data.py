@@ -14,7 +14,7 @@ import torch
 from ..core.errors import ConfigError, check
 from .loss import IGNORE
 
-__all__ = ["RecallTask", "LookupTask", "TokenFile", "make_data", "DATA_KEYS"]
+__all__ = ["RecallTask", "LookupTask", "NeedleTask", "TokenFile", "make_data", "DATA_KEYS"]
 
 
 @dataclass
@@ -134,6 +134,73 @@ class LookupTask:
 
 
 @dataclass
+class NeedleTask:
+    """Needles in a haystack, asked for from far away: passkey retrieval (``keys=1``) or multi-key.
+
+    A haystack of random ``filler`` tokens.  In its first half ``pairs`` needles are planted at random
+    depths: each a fact (a key and its value), one token written ``repeat`` times in a row.  In its
+    second half ``questions`` question tokens sit at random positions, each the key of one of the
+    sequence's needles and labelled (at itself) with that needle's token: the answer is a copy of a
+    token planted on average half a sequence earlier, mostly on another rank's shard.  Needle tokens
+    never occur in the haystack, so attention can find a needle by its content alone, at any distance;
+    the answer is never next to its question, so without attention over the whole sequence accuracy
+    stays at chance (1 / values).  Every question is a label: dense supervision from each sequence.
+    Keys are distinct within a sequence.  Tokens: ``0 .. filler-1`` haystack, then ``keys`` question
+    tokens, then ``keys x values`` needles (key k, value v: ``filler + keys + k * values + v``).
+    """
+
+    vocab_size: int
+    seq_len: int
+    pairs: int = 1  # needles per sequence
+    keys: int = 1  # distinct keys (question tokens)
+    values: int = 16  # values per key (chance accuracy 1 / values)
+    filler: int = 16  # haystack tokens
+    questions: int = 64  # questions per sequence, in its second half
+    repeat: int = 1  # copies of each needle, side by side
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("pairs", 1), ("keys", 1), ("values", 2), ("filler", 1), ("questions", 1),
+                          ("repeat", 1)):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= low, ConfigError,
+                  f"needle task: {name}={value} must be >= {low}")
+        check(self.pairs <= self.keys, ConfigError,
+              f"needle task: {self.pairs} pairs need {self.pairs} distinct keys but keys={self.keys}: lower pairs "
+              f"or raise keys")
+        need = self.filler + self.keys + self.keys * self.values
+        check(need <= self.vocab_size, ConfigError,
+              f"needle task: {self.filler} filler + {self.keys} keys + {self.keys} keys x {self.values} values need a "
+              f"vocabulary of {need} tokens but vocab_size={self.vocab_size}: raise vocab_size or lower "
+              f"filler / keys / values")
+        half = self.seq_len // 2
+        check(self.pairs * self.repeat <= half, ConfigError,
+              f"needle task: seq_len={self.seq_len} cannot hold {self.pairs} facts x {self.repeat} copies in its "
+              f"first half ({half} tokens): raise seq_len or lower pairs / repeat")
+        check(self.questions <= self.seq_len - half, ConfigError,
+              f"needle task: seq_len={self.seq_len} cannot hold {self.questions} questions in its second half "
+              f"({self.seq_len - half} tokens): raise seq_len or lower questions")
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        b, s, p, q, r, nk, nv = batch_size, self.seq_len, self.pairs, self.questions, self.repeat, self.keys, self.values
+        half = s // 2
+        ids = torch.randint(0, self.filler, (b, s), generator=g)
+        keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(b)])
+        needle = self.filler + nk + keys * nv + torch.randint(0, nv, (b, p), generator=g)
+        slots = torch.stack([torch.randperm(half // r, generator=g)[:p] for _ in range(b)])
+        where = (slots * r).repeat_interleave(r, 1) + torch.arange(r).repeat(p)  # each needle's r positions
+        ids.scatter_(1, where, needle.repeat_interleave(r, 1))
+        at = half + torch.stack([torch.randperm(s - half, generator=g)[:q] for _ in range(b)])
+        asked = torch.randint(0, p, (b, q), generator=g)
+        ids.scatter_(1, at, self.filler + keys.gather(1, asked))
+        labels = torch.full_like(ids, IGNORE)
+        labels.scatter_(1, at, needle.gather(1, asked))  # at each question, a copy of its needle
+        return ids, labels
+
+
+@dataclass
 class TokenFile:
     """Random windows of a flat file of token ids (``numpy.memmap``; uint16, uint32 or int32)."""
 
@@ -165,7 +232,7 @@ class TokenFile:
 #: the keys of each kind of ``[data]`` table (a typo is refused, not ignored)
 DATA_KEYS: dict[str, tuple[str, ...]] = {
     "recall": ("kind", "pairs"), "lookup": ("kind", "pairs", "keys", "values", "questions", "repeat", "answer"),
-    "tokens": ("kind", "path", "dtype")}
+    "tokens": ("kind", "path", "dtype"), "needle": ("kind", "pairs", "keys", "values", "filler", "questions", "repeat")}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
@@ -178,7 +245,8 @@ def _int(spec: dict, key: str, default: int) -> int:
 
 def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
     """Data source from a config section: ``{"kind": "recall", "pairs": 8}``, ``{"kind": "lookup", "pairs": 4,
-    "keys": 8, "values": 16}`` or ``{"kind": "tokens", "path": ..., "dtype": "uint16"}``.
+    "keys": 8, "values": 16}``, ``{"kind": "needle", "pairs": 1, "keys": 1, "values": 16, "filler": 16,
+    "questions": 64}`` or ``{"kind": "tokens", "path": ..., "dtype": "uint16"}``.
 
     Raises ConfigError naming an unknown kind or key (with the known ones), a bad value, a missing file.
     """
@@ -194,6 +262,9 @@ def make_data(spec: dict, vocab_size: int, seq_len: int, seed: int):
         return LookupTask(vocab_size, seq_len, _int(spec, "pairs", 4), _int(spec, "keys", 8),
                           _int(spec, "values", 16), _int(spec, "questions", 0), _int(spec, "repeat", 1),
                           str(spec.get("answer", "value")), seed)
+    if kind == "needle":
+        return NeedleTask(vocab_size, seq_len, _int(spec, "pairs", 1), _int(spec, "keys", 1), _int(spec, "values", 16),
+                          _int(spec, "filler", 16), _int(spec, "questions", 64), _int(spec, "repeat", 1), seed)
     check("path" in spec, ConfigError, "data.kind = 'tokens' needs data.path (a flat token file)")
     dtype = spec.get("dtype", "uint16")
     check(dtype in TOKEN_DTYPES, ConfigError, f"data.dtype = {dtype!r}: use one of {', '.join(TOKEN_DTYPES)}")

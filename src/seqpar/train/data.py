@@ -184,7 +184,8 @@ class NeedleTask:
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        b, s, p, q, r, nk, nv = batch_size, self.seq_len, self.pairs, self.questions, self.repeat, self.keys, self.values
+        b, s, p, q, r = batch_size, self.seq_len, self.pairs, self.questions, self.repeat
+        nk, nv = self.keys, self.values
         half = s // 2
         ids = torch.randint(0, self.filler, (b, s), generator=g)
         keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(b)])

@@ -143,7 +143,7 @@ class NeedleTask:
     sequence's needles and labelled (at itself) with that needle's token: the answer is a copy of a
     token planted on average half a sequence earlier, mostly on another rank's shard.  Needle tokens
     never occur in the haystack, so attention can find a needle by its content alone, at any distance;
-    the answer is never next to its question, so without attention over the whole sequence accuracy
+    a question's answer occurs only in its needle, so without attention reaching back to it accuracy
     stays at chance (1 / values).  Every question is a label: dense supervision from each sequence.
     Keys are distinct within a sequence.  Tokens: ``0 .. filler-1`` haystack, then ``keys`` question
     tokens, then ``keys x values`` needles (key k, value v: ``filler + keys + k * values + v``).
@@ -184,7 +184,8 @@ class NeedleTask:
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ``(input_ids, labels)`` ``[batch, seq_len]`` for ``step``; labels already shifted."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        b, s, p, q, r, nk, nv = batch_size, self.seq_len, self.pairs, self.questions, self.repeat, self.keys, self.values
+        b, s, p, q, r = batch_size, self.seq_len, self.pairs, self.questions, self.repeat
+        nk, nv = self.keys, self.values
         half = s // 2
         ids = torch.randint(0, self.filler, (b, s), generator=g)
         keys = torch.stack([torch.randperm(nk, generator=g)[:p] for _ in range(b)])

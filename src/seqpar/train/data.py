@@ -143,7 +143,7 @@ class NeedleTask:
     sequence's needles and labelled (at itself) with that needle's token: the answer is a copy of a
     token planted on average half a sequence earlier, mostly on another rank's shard.  Needle tokens
     never occur in the haystack, so attention can find a needle by its content alone, at any distance;
-    the answer is never next to its question, so without attention over the whole sequence accuracy
+    a question's answer occurs only in its needle, so without attention reaching back to it accuracy
     stays at chance (1 / values).  Every question is a label: dense supervision from each sequence.
     Keys are distinct within a sequence.  Tokens: ``0 .. filler-1`` haystack, then ``keys`` question
     tokens, then ``keys x values`` needles (key k, value v: ``filler + keys + k * values + v``).

@@ -258,22 +258,14 @@ def resolve_mesh(mesh: Mesh | None = None) -> Mesh:
 
 def group_size(group) -> int:
     """Size of a group (1 for :data:`SINGLE`; None is resolved as at every public call)."""
-    if group is SINGLE:
-        return 1
     if group is None:
         group = resolve_group(None)
-        if group is SINGLE:
-            return 1
-    return dist.get_world_size(group)
+    return 1 if group is SINGLE else dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
     """This process's rank in a group (0 for :data:`SINGLE`; None is resolved as at every public call)."""
-    if group is SINGLE:
-        return 0
     if group is None:
         group = resolve_group(None)
-        if group is SINGLE:
-            return 0
-    return dist.get_rank(group)
+    return 0 if group is SINGLE else dist.get_rank(group)
 
